@@ -1,0 +1,75 @@
+"""Attention masks of block diffusion (SPEC section 2), as boolean tensors (True = may attend).
+
+Legend: L sequence length, b block index = position // block_length, doc document id.
+
+- `block_causal_mask`: inference. Query at block bq sees keys at blocks <= bq: bidirectional
+  inside a block, causal across blocks. Computed from position ids, so it works for a query
+  chunk over a cached prefix and for left-padded batches (padding keys are cut by `key_valid`).
+- `block_diffusion_mask`: training on `[x_t ; x_0]` (length 2L, position ids [0..L-1, 0..L-1]).
+  Noisy block b sees noisy block b and clean blocks < b; clean block b sees clean blocks <= b;
+  clean never sees noisy. With `doc_ids`, every pair must also share a document.
+- Masks without documents depend only on (L, block_length, device) and are cached.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+
+
+def block_causal_mask(
+    query_positions: torch.Tensor,  # (B|1, Lq) integer positions
+    key_positions: torch.Tensor,  # (B|1, Lk)
+    block_length: int,
+    key_valid: torch.Tensor | None = None,  # bool (B, Lk); False = padding key
+) -> torch.Tensor:
+    """Bool (B|1, 1, Lq, Lk): key block <= query block (and key valid)."""
+    qb = torch.div(query_positions, block_length, rounding_mode="floor")
+    kb = torch.div(key_positions, block_length, rounding_mode="floor")
+    mask = kb[:, None, :] <= qb[:, :, None]  # (B, Lq, Lk)
+    if key_valid is not None:
+        mask = mask & key_valid[:, None, :]
+    return mask[:, None]
+
+
+@functools.lru_cache(maxsize=32)
+def _block_diffusion_mask_cached(seq_len: int, block_length: int, device: str) -> torch.Tensor:
+    return _block_diffusion_mask(seq_len, block_length, torch.device(device), None)
+
+
+def _block_diffusion_mask(
+    seq_len: int, block_length: int, device: torch.device, doc_ids: torch.Tensor | None
+) -> torch.Tensor:
+    pos = torch.arange(seq_len, device=device)
+    b = torch.div(pos, block_length, rounding_mode="floor")  # (L,)
+    bq, bk = b[:, None], b[None, :]
+    noisy_noisy = bq == bk  # same block, bidirectional
+    noisy_clean = bk < bq  # strictly earlier clean blocks
+    clean_clean = bk <= bq
+    clean_noisy = torch.zeros_like(noisy_noisy)
+    top = torch.cat((noisy_noisy, noisy_clean), dim=1)
+    bottom = torch.cat((clean_noisy, clean_clean), dim=1)
+    mask = torch.cat((top, bottom), dim=0)  # (2L, 2L)
+    if doc_ids is None:
+        return mask[None, None]
+    d = torch.cat((doc_ids, doc_ids), dim=1)  # (B, 2L)
+    same_doc = d[:, :, None] == d[:, None, :]
+    return (mask[None] & same_doc)[:, None]
+
+
+def block_diffusion_mask(
+    seq_len: int,
+    block_length: int,
+    device: torch.device | str = "cpu",
+    doc_ids: torch.Tensor | None = None,  # (B, L) document id of each clean position
+) -> torch.Tensor:
+    """Bool (1|B, 1, 2L, 2L) mask of the training layout [x_t ; x_0]."""
+    if doc_ids is None:
+        return _block_diffusion_mask_cached(seq_len, block_length, str(torch.device(device)))
+    return _block_diffusion_mask(seq_len, block_length, doc_ids.device, doc_ids)
+
+
+def document_mask(doc_ids: torch.Tensor) -> torch.Tensor:
+    """Bool (B, 1, L, L): full attention restricted to the same document (block_length >= L)."""
+    return (doc_ids[:, :, None] == doc_ids[:, None, :])[:, None]

@@ -1,0 +1,262 @@
+"""HF-format checkpoints in the official LLaDA2-MoE layout: load, save, name mapping.
+
+Contract:
+- A model directory holds `config.json`, one or more `*.safetensors` shards and, when sharded,
+  `model.safetensors.index.json` (HF convention: {"metadata": {...}, "weight_map": {name: file}}).
+- Tensor names and shapes are exactly the official ones (`official_shapes(config)`), for example
+  `model.layers.3.mlp.experts.17.gate_proj.weight` of shape (moe_intermediate_size, hidden);
+  the stacked expert weights used inside `modeling` are split/joined here and only here.
+- Loading checks the names and shapes in the shard headers before reading any data, and fails
+  with a ValueError naming every missing, unexpected or mis-shaped tensor.
+- Saving writes into a temporary sibling directory and renames it into place, so a crash never
+  leaves a half-written model directory under the final name.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+from collections.abc import Iterator
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from llada_train.model.config import LLaDA2MoeConfig
+from llada_train.model.modeling import LLaDA2MoeModelLM
+
+INDEX_FILE = "model.safetensors.index.json"
+SINGLE_FILE = "model.safetensors"
+_STACKED = re.compile(r"^(model\.layers\.\d+\.mlp\.experts)\.(gate_up_proj|down_proj)$")
+_PER_EXPERT = re.compile(
+    r"^(model\.layers\.\d+\.mlp\.experts)\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight$"
+)
+
+
+def official_shapes(config: LLaDA2MoeConfig) -> dict[str, tuple[int, ...]]:
+    """Every tensor of an official checkpoint of this config: name -> shape."""
+    h, d = config.hidden_size, config.head_dim
+    qkv = (config.num_attention_heads + 2 * config.num_key_value_heads) * d
+    shapes: dict[str, tuple[int, ...]] = {
+        "model.word_embeddings.weight": (config.vocab_size, h),
+        "model.norm.weight": (h,),
+        "lm_head.weight": (config.vocab_size, h),
+    }
+    for i in range(config.num_hidden_layers):
+        p = f"model.layers.{i}."
+        shapes[p + "input_layernorm.weight"] = (h,)
+        shapes[p + "post_attention_layernorm.weight"] = (h,)
+        shapes[p + "attention.query_key_value.weight"] = (qkv, h)
+        shapes[p + "attention.query_layernorm.weight"] = (d,)
+        shapes[p + "attention.key_layernorm.weight"] = (d,)
+        shapes[p + "attention.dense.weight"] = (h, config.num_attention_heads * d)
+        if config.is_moe_layer(i):
+            w = config.moe_intermediate_size
+            shapes[p + "mlp.gate.weight"] = (config.num_experts, h)
+            shapes[p + "mlp.gate.expert_bias"] = (config.num_experts,)
+            for e in range(config.num_experts):
+                _mlp_shapes(shapes, f"{p}mlp.experts.{e}.", h, w)
+            if config.num_shared_experts:
+                _mlp_shapes(shapes, p + "mlp.shared_experts.", h, w * config.num_shared_experts)
+        else:
+            _mlp_shapes(shapes, p + "mlp.", h, config.intermediate_size)
+    return shapes
+
+
+def _mlp_shapes(shapes: dict, prefix: str, hidden: int, width: int) -> None:
+    shapes[prefix + "gate_proj.weight"] = (width, hidden)
+    shapes[prefix + "up_proj.weight"] = (width, hidden)
+    shapes[prefix + "down_proj.weight"] = (hidden, width)
+
+
+def official_state_dict(model: LLaDA2MoeModelLM) -> Iterator[tuple[str, torch.Tensor]]:
+    """Yield (official name, tensor) for every weight and buffer, splitting stacked experts.
+
+    Tensors are views where possible: nothing is copied until the caller needs it.
+    """
+    for name, t in model.state_dict().items():
+        m = _STACKED.match(name)
+        if not m:
+            yield name, t
+            continue
+        prefix, kind = m.groups()
+        if kind == "gate_up_proj":  # (E, H, 2I): gate = [:, :, :I].T, up = [:, :, I:].T
+            width = t.shape[2] // 2
+            for e in range(t.shape[0]):
+                yield f"{prefix}.{e}.gate_proj.weight", t[e, :, :width].T
+                yield f"{prefix}.{e}.up_proj.weight", t[e, :, width:].T
+        else:  # (E, I, H): down[e] = W[e].T (H, I)
+            for e in range(t.shape[0]):
+                yield f"{prefix}.{e}.down_proj.weight", t[e].T
+
+
+# ---------------------------------------------------------------------------- save
+def save_pretrained(
+    model: LLaDA2MoeModelLM,
+    out_dir: str | os.PathLike,
+    dtype: torch.dtype | None = None,
+    max_shard_bytes: int = 2 * 1024**3,
+    extra_files: dict[str, str] | None = None,
+    tokenizer=None,
+) -> str:
+    """Write config.json + safetensors shards + index to out_dir atomically; returns out_dir.
+
+    dtype: cast floating weights on the way out (e.g. torch.bfloat16); expert_bias stays fp32.
+    extra_files: {filename: source path} copied in as well (a README, training args).
+    tokenizer: an HF tokenizer saved beside the weights, so the directory is self-contained.
+    """
+    out_dir = os.path.abspath(os.fspath(out_dir))
+    tmp = out_dir + ".tmp-save"
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    size = 0
+    for name, t in official_state_dict(model):
+        t = t.detach()
+        if dtype is not None and t.is_floating_point() and not name.endswith("expert_bias"):
+            t = t.to(dtype)
+        nbytes = t.numel() * t.element_size()
+        if shards[-1] and size + nbytes > max_shard_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][name] = t.to("cpu").contiguous()
+        size += nbytes
+    weight_map: dict[str, str] = {}
+    total = 0
+    for i, shard in enumerate(shards):
+        fname = (
+            SINGLE_FILE
+            if len(shards) == 1
+            else f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+        )
+        save_file(shard, os.path.join(tmp, fname), metadata={"format": "pt"})
+        for name, t in shard.items():
+            weight_map[name] = fname
+            total += t.numel() * t.element_size()
+    if len(shards) > 1:
+        with open(os.path.join(tmp, INDEX_FILE), "w") as f:
+            json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
+    config = model.config
+    if dtype is not None:
+        config = LLaDA2MoeConfig.from_dict(
+            {**config.to_dict(), "torch_dtype": str(dtype).removeprefix("torch.")}
+        )
+    config.to_json(os.path.join(tmp, "config.json"))
+    for fname, src in (extra_files or {}).items():
+        shutil.copy(src, os.path.join(tmp, fname))
+    if tokenizer is not None:
+        tokenizer.save_pretrained(tmp)
+    _atomic_replace_dir(tmp, out_dir)
+    return out_dir
+
+
+def _atomic_replace_dir(tmp: str, final: str) -> None:
+    """Move tmp to final; an existing final is renamed aside first and removed last."""
+    old = final + ".old"
+    shutil.rmtree(old, ignore_errors=True)
+    if os.path.exists(final):
+        os.rename(final, old)
+    os.rename(tmp, final)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+# ---------------------------------------------------------------------------- load
+def _shard_files(model_dir: str) -> list[str]:
+    index = os.path.join(model_dir, INDEX_FILE)
+    if os.path.exists(index):
+        try:
+            with open(index) as f:
+                weight_map = json.load(f)["weight_map"]
+        except (json.JSONDecodeError, KeyError) as e:
+            raise ValueError(f"{index}: not a valid safetensors index ({e})") from None
+        files = sorted(set(weight_map.values()))
+    else:
+        files = sorted(f for f in os.listdir(model_dir) if f.endswith(".safetensors"))
+    if not files:
+        raise ValueError(f"{model_dir}: no *.safetensors files (and no {INDEX_FILE})")
+    missing = [f for f in files if not os.path.exists(os.path.join(model_dir, f))]
+    if missing:
+        raise ValueError(f"{model_dir}: shard(s) named in the index are missing: {missing}")
+    return [os.path.join(model_dir, f) for f in files]
+
+
+def check_checkpoint(model_dir: str, config: LLaDA2MoeConfig) -> dict[str, str]:
+    """Compare shard headers with the official shapes; return {name: shard path}."""
+    expected = official_shapes(config)
+    found: dict[str, tuple[tuple[int, ...], str]] = {}
+    for path in _shard_files(model_dir):
+        with safe_open(path, framework="pt") as f:
+            for name in f.keys():
+                found[name] = (tuple(f.get_slice(name).get_shape()), path)
+    problems = []
+    missing = sorted(set(expected) - set(found))
+    unexpected = sorted(set(found) - set(expected))
+    if missing:
+        problems.append(f"missing tensors: {_short_list(missing)}")
+    if unexpected:
+        problems.append(f"unexpected tensors: {_short_list(unexpected)}")
+    for name in sorted(set(expected) & set(found)):
+        shape, path = found[name]
+        if shape != expected[name]:
+            problems.append(
+                f"tensor '{name}' in {os.path.basename(path)} has shape {list(shape)}, "
+                f"config.json implies {list(expected[name])}"
+            )
+    if problems:
+        raise ValueError(
+            f"{model_dir}: checkpoint does not match its config.json:\n  " + "\n  ".join(problems)
+        )
+    return {name: path for name, (_, path) in found.items()}
+
+
+def _short_list(names: list[str], limit: int = 12) -> str:
+    more = f" ... and {len(names) - limit} more" if len(names) > limit else ""
+    return ", ".join(names[:limit]) + more
+
+
+@torch.no_grad()
+def load_official_weights(model: LLaDA2MoeModelLM, model_dir: str) -> None:
+    """Copy the tensors of an official-layout checkpoint into `model` (shapes checked first)."""
+    locations = check_checkpoint(model_dir, model.config)
+    own = model.state_dict()
+    by_file: dict[str, list[str]] = {}
+    for name, path in locations.items():
+        by_file.setdefault(path, []).append(name)
+    for path, names in by_file.items():
+        with safe_open(path, framework="pt") as f:
+            for name in names:
+                src = f.get_tensor(name)
+                m = _PER_EXPERT.match(name)
+                if m is None:
+                    own[name].copy_(src)
+                    continue
+                prefix, e, kind = m.groups()
+                e = int(e)
+                if kind == "down_proj":
+                    own[f"{prefix}.down_proj"][e].copy_(src.T)
+                else:
+                    stacked = own[f"{prefix}.gate_up_proj"]
+                    width = stacked.shape[2] // 2
+                    cols = slice(0, width) if kind == "gate_proj" else slice(width, 2 * width)
+                    stacked[e, :, cols].copy_(src.T)
+
+
+def from_pretrained(
+    model_dir: str | os.PathLike,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype = torch.float32,
+) -> LLaDA2MoeModelLM:
+    """Build the model of `model_dir/config.json` on `device` and load its weights."""
+    model_dir = os.fspath(model_dir)
+    config = LLaDA2MoeConfig.from_json(model_dir)
+    with torch.device("meta"):
+        model = LLaDA2MoeModelLM(config)
+    model = model.to_empty(device=device)
+    load_official_weights(model, model_dir)
+    # expert_bias is a selection-only fp32 buffer; keep it fp32 whatever the weight dtype.
+    model.to(dtype)
+    for moe in model.moe_layers():
+        moe.gate.expert_bias.data = moe.gate.expert_bias.data.float()
+    return model.eval()
