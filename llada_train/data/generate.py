@@ -1,0 +1,621 @@
+"""Seeded generators of the small synthetic datasets shipped for offline use.
+
+Contract:
+- `generate_all(out_dir, eval_dir, seed)` writes, in a second or two:
+    out_dir/cpt.jsonl            {"text"}: arithmetic facts, worked sums, word stories, simple
+                                 sentences, tiny Python functions
+    out_dir/sft_train.jsonl      {"messages"}: user/assistant chats (some with a system message):
+    out_dir/sft_eval.jsonl         direct answers ("579"), column-method reasoning and word
+                                   problems ending with "#### 579", a few code chats
+    out_dir/rl_math_train.jsonl  {"prompt", "answer", "reward": "math"}: word problems
+    out_dir/rl_math_eval.jsonl
+    out_dir/rl_code_train.jsonl  {"prompt", "entry_point", "tests", "reward": "code"}
+    eval_dir/arith_gen.jsonl     {"question", "answer"}: exact-match generation
+    eval_dir/arith_mc.jsonl      {"question", "choices", "gold"}: log-likelihood multiple choice
+    eval_dir/code_tasks.jsonl    {"prompt", "entry_point", "tests"}
+- Same seed -> byte-identical files; another seed -> other samples.
+- Held-out files (`*_eval`, `eval_dir/*`) are disjoint from training files (CPT, SFT train, RL
+  train) **by construction, independent of the seed**: an arithmetic problem (op, a, b) and a
+  code task (its entry point) belong to the held-out split iff a fixed hash says so
+  (`is_heldout_problem`, `is_heldout_code_task`), and training files draw only from the other
+  split. Commutative problems are keyed in canonical order, so "456 + 123" never leaks "123 + 456".
+  The working steps of the column method only ever contain digit-sized operands, outside the
+  problem ranges, so they can never state a held-out problem either.
+- Problems are kept small and regular so a tiny model learns them on a CPU (SPEC section 3 quotes
+  3-digit addition): a + b and a - b with 3-digit a, b (a >= b); a * b with 2-digit a, 1-digit b.
+- `code_tasks()` holds every code task with its reference solution (the files do not carry it).
+
+CLI: `python -m llada_train.data.generate [--out data/shipped] [--eval-out eval/data] [--seed 0]`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import hashlib
+import json
+import os
+import random
+from collections.abc import Callable
+
+import llada_train
+
+DEFAULT_OUT = os.path.join(llada_train.DATA_DIR, "shipped")
+DEFAULT_EVAL_OUT = os.path.join(llada_train.REPO_ROOT, "eval", "data")
+
+# Sizes: all files together stay well under 3 MB (they are committed).
+NUM_CPT_FACT_DOCS = 2500
+NUM_CPT_WORKED_DOCS = 500
+NUM_CPT_STORY_DOCS = 1000
+NUM_CPT_SENTENCE_DOCS = 1000
+CPT_CODE_REPEATS = 2  # every training code task appears this many times in the CPT corpus
+NUM_SFT_TRAIN = 5000
+NUM_SFT_EVAL = 300
+NUM_RL_MATH_TRAIN = 2000
+NUM_RL_MATH_EVAL = 300
+NUM_ARITH_GEN = 400
+NUM_ARITH_MC = 300
+
+HELDOUT_PERCENT_PROBLEMS = 10
+HELDOUT_PERCENT_CODE = 20
+
+# ---------------------------------------------------------------------------------------------
+# Arithmetic problems
+# ---------------------------------------------------------------------------------------------
+
+OP_WEIGHTS = {"+": 0.6, "-": 0.3, "*": 0.1}  # mul has only 720 problems: keep its share small
+OPERAND_RANGES = {  # inclusive (a range, b range)
+    "+": ((100, 999), (100, 999)),
+    "-": ((100, 999), (100, 999)),  # drawn with a >= b, so the result is never negative
+    "*": ((10, 99), (2, 9)),
+}
+
+
+def solve(op: str, a: int, b: int) -> int:
+    return {"+": a + b, "-": a - b, "*": a * b}[op]
+
+
+def problem_key(op: str, a: int, b: int) -> tuple[str, int, int]:
+    """Canonical identity of a problem: commutative operands sorted."""
+    if op == "+":
+        a, b = min(a, b), max(a, b)
+    return (op, a, b)
+
+
+def _stable_percent(text: str) -> int:
+    # Python's hash() is salted per process; a digest gives the same split everywhere.
+    return int(hashlib.blake2b(text.encode(), digest_size=8).hexdigest(), 16) % 100
+
+
+def is_heldout_problem(op: str, a: int, b: int) -> bool:
+    return (
+        _stable_percent("problem:{}:{}:{}".format(*problem_key(op, a, b)))
+        < HELDOUT_PERCENT_PROBLEMS
+    )
+
+
+def sample_problem(
+    rng: random.Random, heldout: bool, ops: dict[str, float] = OP_WEIGHTS
+) -> tuple[str, int, int]:
+    """(op, a, b) from the requested split, by rejection."""
+    op = rng.choices(list(ops), weights=list(ops.values()))[0]
+    (a_lo, a_hi), (b_lo, b_hi) = OPERAND_RANGES[op]
+    while True:
+        a, b = rng.randint(a_lo, a_hi), rng.randint(b_lo, b_hi)
+        if op == "-" and a < b:
+            a, b = b, a
+        if is_heldout_problem(op, a, b) == heldout:
+            return op, a, b
+
+
+def sample_unique_problems(
+    rng: random.Random, heldout: bool, count: int
+) -> list[tuple[str, int, int]]:
+    """`count` distinct problems (by canonical key) from one split."""
+    problems, seen = [], set()
+    for _ in range(count * 100):
+        op, a, b = sample_problem(rng, heldout)
+        if problem_key(op, a, b) not in seen:
+            seen.add(problem_key(op, a, b))
+            problems.append((op, a, b))
+            if len(problems) == count:
+                return problems
+    raise RuntimeError(f"could not draw {count} distinct problems; lower the count")
+
+
+def column_steps(op: str, a: int, b: int) -> list[str]:
+    """Working of the column method, one line per digit. Operands are single digits (plus a
+    borrowed ten), so no step states a 3-digit problem."""
+    steps = []
+    if op == "*":
+        carry = 0
+        digits = [int(d) for d in reversed(str(a))]
+        for i, (name, d) in enumerate(zip(("ones", "tens"), digits, strict=True)):
+            value = d * b + carry
+            if i == len(digits) - 1:
+                steps.append(f"{name}: {d} * {b} + {carry} = {value}, write {value}")
+            else:
+                steps.append(
+                    f"{name}: {d} * {b} + {carry} = {value}, write {value % 10} carry {value // 10}"
+                )
+                carry = value // 10
+        return steps
+    da, db = str(a).zfill(3)[::-1], str(b).zfill(3)[::-1]
+    carry = 0
+    for name, x, y in zip(("ones", "tens", "hundreds"), map(int, da), map(int, db), strict=True):
+        if op == "+":
+            value = x + y + carry
+            steps.append(f"{name}: {x} + {y} + {carry} = {value}, carry {value // 10}")
+            carry = value // 10
+        else:
+            borrow_out = int(x - y - carry < 0)
+            value = x + 10 * borrow_out - y - carry
+            steps.append(
+                f"{name}: {x + 10 * borrow_out} - {y} - {carry} = {value}, borrow {borrow_out}"
+            )
+            carry = borrow_out
+    return steps
+
+
+def worked_solution(op: str, a: int, b: int) -> str:
+    c = solve(op, a, b)
+    return "\n".join([*column_steps(op, a, b), f"So {a} {op} {b} = {c}.", f"#### {c}"])
+
+
+# Word problems. Each contains exactly the two operands as numbers. Keywords the tests rely on to
+# recover the operation: multiplication templates say "each", subtraction ones say "left", the
+# addition ones say neither.
+NAMES = {
+    "Tom": "he",
+    "Anna": "she",
+    "Ben": "he",
+    "Lucy": "she",
+    "Sam": "he",
+    "Mia": "she",
+    "Leo": "he",
+    "Emma": "she",
+    "Omar": "he",
+    "Nina": "she",
+}
+ITEMS = [
+    "apples",
+    "pens",
+    "marbles",
+    "stickers",
+    "books",
+    "cards",
+    "shells",
+    "coins",
+    "stamps",
+    "beads",
+]
+WORD_TEMPLATES = {
+    "+": [
+        "{name} has {a} {item}. {Pron} gets {b} more {item}. How many {item} does {name} have now?",
+        "A library has {a} {item} on one shelf and {b} {item} on another shelf. How many {item} "
+        "are on the two shelves together?",
+        "{name} collected {a} {item} on Monday and {b} {item} on Tuesday. How many {item} did "
+        "{name} collect in total?",
+    ],
+    "-": [
+        "{name} had {a} {item} and gave {b} of them away. How many {item} are left?",
+        "A shop had {a} {item} and sold {b} of them. How many {item} does the shop have left?",
+        "A box held {a} {item}. {name} took {b} {item} out. How many {item} are left in the box?",
+    ],
+    "*": [
+        "There are {a} bags with {b} {item} in each bag. How many {item} are there in total?",
+        "{name} buys {a} packs of {item}, and each pack has {b} {item}. How many {item} does "
+        "{name} buy?",
+        "A classroom has {a} desks, and each desk has {b} {item} on it. How many {item} are on "
+        "the desks?",
+    ],
+}
+WORD_VERBS = {"+": "add", "-": "subtract", "*": "multiply"}
+
+
+def word_problem(rng: random.Random, op: str, a: int, b: int) -> str:
+    name = rng.choice(list(NAMES))
+    pron = NAMES[name]
+    template = rng.choice(WORD_TEMPLATES[op])
+    item = rng.choice(ITEMS)
+    return template.format(name=name, Pron=pron.capitalize(), item=item, a=a, b=b)
+
+
+def word_solution(op: str, a: int, b: int) -> str:
+    c = solve(op, a, b)
+    return f"We {WORD_VERBS[op]}: {a} {op} {b} = {c}.\n#### {c}"
+
+
+# ---------------------------------------------------------------------------------------------
+# Code tasks
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class CodeTask:
+    entry_point: str
+    prompt: str
+    tests: str  # assert lines, one per input
+    solution: str  # reference solution (source of the function)
+    docstring_solution: str  # the same function with a docstring (for the CPT corpus)
+    is_heldout: bool
+
+
+@dataclasses.dataclass(frozen=True)
+class _CodeFamily:
+    name: str  # format string of the entry point, over the parameters
+    arg: str
+    description: str  # imperative, over the parameters ("return x plus {k}")
+    body: str  # the returned expression, over the parameters
+    params: list[dict]
+    fn: Callable  # (**params) -> the reference function, written independently of `body`
+    inputs: Callable  # (**params) -> list of inputs for the tests
+
+
+WORDS = ["banana", "apple", "", "cherry pie", "aardvark", "mississippi", "hello world", "zigzag"]
+LISTS = [[1, 2, 3], [], [5, 5, 0, 7], [9, 8, 7, 6, 5, 4], [3], [0, 0, 1, 2, 3, 0]]
+NONEMPTY_LISTS = [[1, 2, 3], [5, 5, 0, 7], [-4, -2, -9], [3], [10, 20, 15]]
+LETTERS = "abcdefghijklmnopqrstuvwxyz"
+
+CODE_FAMILIES = [
+    _CodeFamily(
+        "add_{k}",
+        "x",
+        "return x plus {k}",
+        "x + {k}",
+        [{"k": k} for k in range(1, 61)],
+        lambda k: lambda x: x + k,
+        lambda k: [0, 1, 5, -3, 100],
+    ),
+    _CodeFamily(
+        "times_{k}",
+        "x",
+        "return x multiplied by {k}",
+        "x * {k}",
+        [{"k": k} for k in range(2, 31)],
+        lambda k: lambda x: sum([x] * k),
+        lambda k: [0, 1, 4, -2, 11],
+    ),
+    _CodeFamily(
+        "is_multiple_of_{k}",
+        "n",
+        "return True if n is divisible by {k}, else False",
+        "n % {k} == 0",
+        [{"k": k} for k in range(2, 31)],
+        lambda k: lambda n: (n // k) * k == n,
+        lambda k: [0, 1, k, k + 1, 3 * k, 7 * k - 1],
+    ),
+    _CodeFamily(
+        "count_value_{k}",
+        "items",
+        "return how many times {k} appears in the list items",
+        "items.count({k})",
+        [{"k": k} for k in range(10)],
+        lambda k: lambda items: len([x for x in items if x == k]),
+        lambda k: LISTS,
+    ),
+    _CodeFamily(
+        "sum_above_{k}",
+        "nums",
+        "return the sum of the numbers in nums that are greater than {k}",
+        "sum(x for x in nums if x > {k})",
+        [{"k": k} for k in range(21)],
+        lambda k: lambda nums: sum(filter(lambda x: x > k, nums)),
+        lambda k: [[1, 5, 10, 20, 30], [], [k, k + 1, k - 1], [100, -100]],
+    ),
+    _CodeFamily(
+        "repeat_{k}",
+        "s",
+        "return the string s repeated {k} times",
+        "s * {k}",
+        [{"k": k} for k in range(2, 10)],
+        lambda k: lambda s: "".join(s for _ in range(k)),
+        lambda k: WORDS[:4],
+    ),
+    _CodeFamily(
+        "count_char_{c}",
+        "s",
+        "return how many times the letter '{c}' appears in s",
+        "s.count('{c}')",
+        [{"c": c} for c in LETTERS],
+        lambda c: lambda s: sum(ch == c for ch in s),
+        lambda c: WORDS + [c * 3],
+    ),
+    _CodeFamily(
+        "power_{k}",
+        "x",
+        "return x to the power {k}",
+        "x ** {k}",
+        [{"k": k} for k in range(2, 7)],
+        lambda k: lambda x: _repeated_product(x, k),
+        lambda k: [0, 1, 2, -3, 5],
+    ),
+    _CodeFamily(
+        "clamp_{lo}_{hi}",
+        "x",
+        "return x limited to the range from {lo} to {hi}",
+        "max({lo}, min({hi}, x))",
+        [{"lo": lo, "hi": hi} for lo in range(6) for hi in (10, 20, 50)],
+        lambda lo, hi: lambda x: lo if x < lo else hi if x > hi else x,
+        lambda lo, hi: [-5, lo, (lo + hi) // 2, hi, hi + 7],
+    ),
+    _CodeFamily(
+        "last_{k}",
+        "items",
+        "return a list of the last {k} elements of the list items",
+        "items[-{k}:]",
+        [{"k": k} for k in range(1, 10)],
+        lambda k: lambda items: items[max(len(items) - k, 0) :],
+        lambda k: LISTS,
+    ),
+    _CodeFamily(
+        "starts_with_{c}",
+        "s",
+        "return True if the string s starts with '{c}', else False",
+        "s.startswith('{c}')",
+        [{"c": c} for c in LETTERS],
+        lambda c: lambda s: s[:1] == c,
+        lambda c: WORDS + [c + "xyz"],
+    ),
+    _CodeFamily(
+        "max_plus_{k}",
+        "nums",
+        "return the largest number in nums plus {k}",
+        "max(nums) + {k}",
+        [{"k": k} for k in range(1, 21)],
+        lambda k: lambda nums: sorted(nums)[-1] + k,
+        lambda k: NONEMPTY_LISTS,
+    ),
+]
+
+
+def _repeated_product(x: int, k: int) -> int:
+    result = 1
+    for _ in range(k):
+        result *= x
+    return result
+
+
+def is_heldout_code_task(entry_point: str) -> bool:
+    return _stable_percent("code:" + entry_point) < HELDOUT_PERCENT_CODE
+
+
+def code_tasks() -> list[CodeTask]:
+    """Every code task (both splits), in a fixed order, with reference solutions. The expected
+    values of the tests come from `fn`, written independently of the solution source, so the
+    tests check that source (tests/test_data.py runs it)."""
+    tasks = []
+    for family in CODE_FAMILIES:
+        for params in family.params:
+            entry_point = family.name.format(**params)
+            description = family.description.format(**params)
+            body = family.body.format(**params)
+            fn = family.fn(**params)
+            signature = f"{entry_point}({family.arg})"
+            tests = "\n".join(
+                f"assert {entry_point}({x!r}) == {fn(x)!r}" for x in family.inputs(**params)
+            )
+            docstring = '"""' + description[0].upper() + description[1:] + '."""'
+            tasks.append(
+                CodeTask(
+                    entry_point=entry_point,
+                    prompt=f"Write a Python function `{signature}`. It should {description}.",
+                    tests=tests,
+                    solution=f"def {signature}:\n    return {body}\n",
+                    docstring_solution=f"def {signature}:\n    {docstring}\n    return {body}\n",
+                    is_heldout=is_heldout_code_task(entry_point),
+                )
+            )
+    return tasks
+
+
+def reference_solutions() -> dict[str, str]:
+    """entry point -> reference solution source, for every code task."""
+    return {task.entry_point: task.solution for task in code_tasks()}
+
+
+def code_answer(task: CodeTask) -> str:
+    return f"```python\n{task.solution}```"
+
+
+# ---------------------------------------------------------------------------------------------
+# Files
+# ---------------------------------------------------------------------------------------------
+
+SYSTEM_PROMPTS = [
+    "You are a helpful assistant.",
+    "You are a careful math tutor.",
+    "You are a concise assistant.",
+]
+DIRECT_TEMPLATES = ["What is {a} {op} {b}?", "Compute {a} {op} {b}.", "{a} {op} {b} = ?"]
+WORKED_TEMPLATES = ["Solve step by step: {a} {op} {b}", "What is {a} {op} {b}? Show your work."]
+SENTENCE_TEMPLATES = [
+    "{name} likes {color} {item}.",
+    "The {animal} is {adj}.",
+    "{name} went to the {place} with {name2}.",
+    "In the morning, {name} drinks {drink}.",
+    "The {color} {animal} sleeps near the {place}.",
+    "{name} and {name2} play in the {place}.",
+]
+WORDBANK = {
+    "color": ["red", "blue", "green", "yellow", "black", "white"],
+    "animal": ["cat", "dog", "bird", "horse", "fox", "rabbit"],
+    "adj": ["small", "happy", "quick", "sleepy", "brave", "quiet"],
+    "place": ["park", "market", "river", "school", "garden", "beach"],
+    "drink": ["tea", "milk", "water", "coffee", "juice"],
+    "item": ITEMS,
+}
+
+
+def _sentence(rng: random.Random) -> str:
+    names = rng.sample(list(NAMES), 2)
+    fields = {key: rng.choice(values) for key, values in WORDBANK.items()}
+    return rng.choice(SENTENCE_TEMPLATES).format(name=names[0], name2=names[1], **fields)
+
+
+def make_cpt(rng: random.Random, train_code: list[CodeTask]) -> list[dict]:
+    docs = []
+    for _ in range(NUM_CPT_FACT_DOCS):
+        facts = [sample_problem(rng, heldout=False) for _ in range(rng.randint(4, 10))]
+        docs.append("\n".join(f"{a} {op} {b} = {solve(op, a, b)}." for op, a, b in facts))
+    for _ in range(NUM_CPT_WORKED_DOCS):
+        op, a, b = sample_problem(rng, heldout=False)
+        docs.append(f"{a} {op} {b} by the column method:\n{worked_solution(op, a, b)}")
+    for _ in range(NUM_CPT_STORY_DOCS):
+        stories = []
+        for _ in range(rng.randint(1, 3)):
+            op, a, b = sample_problem(rng, heldout=False)
+            stories.append(f"{word_problem(rng, op, a, b)} {a} {op} {b} = {solve(op, a, b)}.")
+        docs.append(" ".join(stories))
+    for _ in range(NUM_CPT_SENTENCE_DOCS):
+        if rng.random() < 0.2:  # counting runs: numbers without operators
+            start = rng.randint(0, 990)
+            docs.append(f"Counting from {start}: " + ", ".join(map(str, range(start, start + 8))))
+        else:
+            docs.append(" ".join(_sentence(rng) for _ in range(rng.randint(3, 6))))
+    for _ in range(CPT_CODE_REPEATS):
+        docs.extend(task.docstring_solution for task in train_code)
+    rng.shuffle(docs)
+    return [{"text": doc} for doc in docs]
+
+
+def _arith_chat(rng: random.Random, op: str, a: int, b: int) -> list[dict]:
+    kind = rng.choices(["direct", "worked", "word"], weights=[0.45, 0.3, 0.25])[0]
+    if kind == "direct":
+        question = rng.choice(DIRECT_TEMPLATES).format(a=a, op=op, b=b)
+        answer = str(solve(op, a, b))
+    elif kind == "worked":
+        question = rng.choice(WORKED_TEMPLATES).format(a=a, op=op, b=b)
+        answer = worked_solution(op, a, b)
+    else:
+        question, answer = word_problem(rng, op, a, b), word_solution(op, a, b)
+    return [{"role": "user", "content": question}, {"role": "assistant", "content": answer}]
+
+
+def make_sft(rng: random.Random, num: int, heldout: bool, tasks: list[CodeTask]) -> list[dict]:
+    """Arithmetic chats (unique problems for the held-out split) and ~5% code chats."""
+    num_code = min(num // 20, len(tasks))
+    problems = (
+        sample_unique_problems(rng, heldout=True, count=num - num_code)
+        if heldout
+        else [sample_problem(rng, heldout=False) for _ in range(num - num_code)]
+    )
+    chats = [_arith_chat(rng, *problem) for problem in problems]
+    for task in rng.sample(tasks, num_code):
+        answer = code_answer(task)
+        chats.append(
+            [{"role": "user", "content": task.prompt}, {"role": "assistant", "content": answer}]
+        )
+    rng.shuffle(chats)
+    for messages in chats:
+        if rng.random() < 0.2:
+            messages.insert(0, {"role": "system", "content": rng.choice(SYSTEM_PROMPTS)})
+    return [{"messages": messages} for messages in chats]
+
+
+def make_rl_math(rng: random.Random, num: int, heldout: bool) -> list[dict]:
+    problems = sample_unique_problems(rng, heldout=heldout, count=num)
+    return [
+        {"prompt": word_problem(rng, op, a, b), "answer": str(solve(op, a, b)), "reward": "math"}
+        for op, a, b in problems
+    ]
+
+
+def make_rl_code(rng: random.Random, tasks: list[CodeTask]) -> list[dict]:
+    records = [
+        {"prompt": t.prompt, "entry_point": t.entry_point, "tests": t.tests, "reward": "code"}
+        for t in tasks
+    ]
+    rng.shuffle(records)
+    return records
+
+
+def make_arith_gen(rng: random.Random) -> list[dict]:
+    problems = sample_unique_problems(rng, heldout=True, count=NUM_ARITH_GEN)
+    return [
+        {"question": f"What is {a} {op} {b}?", "answer": str(solve(op, a, b))}
+        for op, a, b in problems
+    ]
+
+
+def make_arith_mc(rng: random.Random) -> list[dict]:
+    records = []
+    for op, a, b in sample_unique_problems(rng, heldout=True, count=NUM_ARITH_MC):
+        c = solve(op, a, b)
+        # Near misses (one digit off) make the task about exact arithmetic, not magnitude.
+        near = sorted({c + d for d in (-100, -10, -1, 1, 10, 100) if c + d >= 0})
+        choices = [c, *rng.sample(near, 3)]
+        rng.shuffle(choices)
+        records.append(
+            {
+                "question": f"What is {a} {op} {b}?",
+                "choices": [str(x) for x in choices],
+                "gold": choices.index(c),
+            }
+        )
+    return records
+
+
+def make_code_eval(rng: random.Random, tasks: list[CodeTask]) -> list[dict]:
+    records = [{"prompt": t.prompt, "entry_point": t.entry_point, "tests": t.tests} for t in tasks]
+    rng.shuffle(records)
+    return records
+
+
+def write_jsonl(path: str, records: list[dict]) -> None:
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    with open(path, "w", encoding="utf-8", newline="\n") as f:
+        for record in records:
+            f.write(json.dumps(record, ensure_ascii=False) + "\n")
+
+
+def generate_all(
+    out_dir: str = DEFAULT_OUT, eval_dir: str = DEFAULT_EVAL_OUT, seed: int = 0
+) -> dict[str, int]:
+    """Write every shipped data file; returns {path: number of records}."""
+
+    def rng(name: str) -> random.Random:
+        # One stream per file (str seeds are hashed with SHA-512: stable across processes), so
+        # resizing one file leaves the others unchanged.
+        return random.Random(f"{seed}:{name}")
+
+    tasks = code_tasks()
+    train_code = [t for t in tasks if not t.is_heldout]
+    heldout_code = [t for t in tasks if t.is_heldout]
+    files = {
+        os.path.join(out_dir, "cpt.jsonl"): make_cpt(rng("cpt"), train_code),
+        os.path.join(out_dir, "sft_train.jsonl"): make_sft(
+            rng("sft_train"), NUM_SFT_TRAIN, heldout=False, tasks=train_code
+        ),
+        os.path.join(out_dir, "sft_eval.jsonl"): make_sft(
+            rng("sft_eval"), NUM_SFT_EVAL, heldout=True, tasks=heldout_code
+        ),
+        os.path.join(out_dir, "rl_math_train.jsonl"): make_rl_math(
+            rng("rl_math_train"), NUM_RL_MATH_TRAIN, heldout=False
+        ),
+        os.path.join(out_dir, "rl_math_eval.jsonl"): make_rl_math(
+            rng("rl_math_eval"), NUM_RL_MATH_EVAL, heldout=True
+        ),
+        os.path.join(out_dir, "rl_code_train.jsonl"): make_rl_code(rng("rl_code"), train_code),
+        os.path.join(eval_dir, "arith_gen.jsonl"): make_arith_gen(rng("arith_gen")),
+        os.path.join(eval_dir, "arith_mc.jsonl"): make_arith_mc(rng("arith_mc")),
+        os.path.join(eval_dir, "code_tasks.jsonl"): make_code_eval(rng("code_eval"), heldout_code),
+    }
+    for path, records in files.items():
+        write_jsonl(path, records)
+    return {path: len(records) for path, records in files.items()}
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description="Write the shipped synthetic datasets.")
+    parser.add_argument("--out", default=DEFAULT_OUT, help="folder of the CPT/SFT/RL files")
+    parser.add_argument("--eval-out", default=DEFAULT_EVAL_OUT, help="folder of the eval data")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    counts = generate_all(args.out, args.eval_out, args.seed)
+    for path, count in counts.items():
+        print(f"{path}: {count} records, {os.path.getsize(path) / 1024:.0f} KiB")
+
+
+if __name__ == "__main__":
+    main()

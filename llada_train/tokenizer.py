@@ -1,0 +1,227 @@
+"""The offline tokenizer: build it, load it, and read its special ids.
+
+Contract:
+- `build_tokenizer(files, out_dir, vocab_size)` trains a byte-level BPE (the `tokenizers`
+  library) and writes `tokenizer.json`, `tokenizer_config.json` and `special_tokens_map.json`,
+  which `transformers.AutoTokenizer.from_pretrained(out_dir)` loads as a fast tokenizer. The same
+  input files give byte-identical output files.
+- The special tokens sit at fixed ids 0..4 in `SPECIAL_TOKENS` order, are registered as special
+  added tokens and are never split: `<|endoftext|>` (EOS and pad), `<|mask|>` (the diffusion
+  mask), and the chat markers `<role>`, `</role>`, `<|role_end|>`.
+- The vocabulary has exactly `vocab_size` entries: when the corpus runs out of merges first, the
+  last ids are unused special tokens `<|reserved_N|>`.
+- Byte level, no normalizer: `decode(encode(s)) == s` for any text (ASCII or unicode).
+- Digits are always split into single tokens, so "579" is three tokens whatever the corpus; a
+  tiny model learns digit-wise arithmetic much faster when a number is never one opaque token.
+- The chat template is the LLaDA2 one: every message renders as
+  `<role>ROLE</role>CONTENT<|role_end|>` with ROLE in SYSTEM / HUMAN / ASSISTANT for the roles
+  system / user / assistant, and `add_generation_prompt=True` appends `<role>ASSISTANT</role>`.
+  Unlike the official template, no default system prompt is inserted.
+- `special_ids(tokenizer)` reads the mask / EOS / pad ids from any tokenizer that has a `<|mask|>`
+  token (ours or the official LLaDA2 one: mask 156895, EOS = pad 156892). Library code gets ids
+  from here and never hard-codes them.
+
+CLI: `python -m llada_train.tokenizer` rebuilds the shipped tokenizer (`data/tokenizer/`) from
+the shipped CPT corpus and SFT training chats.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+from collections.abc import Iterator
+from typing import TYPE_CHECKING
+
+from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
+
+import llada_train
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
+
+EOS_TOKEN = "<|endoftext|>"
+MASK_TOKEN = "<|mask|>"
+ROLE_TOKENS = ("<role>", "</role>", "<|role_end|>")
+SPECIAL_TOKENS = (EOS_TOKEN, MASK_TOKEN, *ROLE_TOKENS)  # ids 0..4, in this order
+RESERVED_TOKEN = "<|reserved_{}|>"  # fills the vocabulary up to vocab_size (ids at the end)
+
+# Chat role -> the role name the LLaDA2 template writes between <role> and </role>.
+ROLE_NAMES = {"system": "SYSTEM", "user": "HUMAN", "assistant": "ASSISTANT"}
+
+CHAT_TEMPLATE = (
+    "{%- for message in messages -%}"
+    "{%- if message['role'] == 'system' -%}{%- set role = 'SYSTEM' -%}"
+    "{%- elif message['role'] == 'user' -%}{%- set role = 'HUMAN' -%}"
+    "{%- elif message['role'] == 'assistant' -%}{%- set role = 'ASSISTANT' -%}"
+    "{%- else -%}{{- raise_exception('Unknown chat role: ' + message['role']) -}}"
+    "{%- endif -%}"
+    "{{- '<role>' + role + '</role>' + message['content'] + '<|role_end|>' -}}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{- '<role>ASSISTANT</role>' -}}{%- endif -%}"
+)
+
+SHIPPED_CORPUS = ("shipped/cpt.jsonl", "shipped/sft_train.jsonl")  # relative to DATA_DIR
+
+
+@dataclasses.dataclass(frozen=True)
+class SpecialIds:
+    """Ids of the tokens the diffusion code needs. `all_special` holds every special id of the
+    tokenizer (never a target of random-token noise)."""
+
+    mask_id: int
+    eos_id: int
+    pad_id: int
+    all_special: tuple[int, ...]
+
+
+def iter_corpus_texts(path: str) -> Iterator[str]:
+    """Texts of one corpus file. `.jsonl`: the `text` field, and for chats (`messages`) each
+    message's content and role name (the special markers themselves are never trained on, as
+    BPE training does not split added tokens out). Any other file: its lines."""
+    with open(path, encoding="utf-8") as f:
+        if not path.endswith(".jsonl"):
+            yield from f
+            return
+        for line in f:
+            if not line.strip():
+                continue
+            record = json.loads(line)
+            if "text" in record:
+                yield record["text"]
+            for message in record.get("messages", []):
+                yield ROLE_NAMES.get(message["role"], message["role"])
+                yield message["content"]
+
+
+def _tokenizer_config(reserved: list[str]) -> dict:
+    # Written by hand (not by save_pretrained) so that the files are stable across transformers
+    # versions and load in both 4.x (additional_special_tokens) and 5.x.
+    return {
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "eos_token": EOS_TOKEN,
+        "pad_token": EOS_TOKEN,
+        "mask_token": MASK_TOKEN,
+        "additional_special_tokens": [*ROLE_TOKENS, *reserved],
+        "clean_up_tokenization_spaces": False,  # cleanup would break decode(encode(s)) == s
+        "model_max_length": 32768,  # the context length of the LLaDA2.x configs
+        "padding_side": "right",
+        "chat_template": CHAT_TEMPLATE,
+    }
+
+
+def _special_tokens_map(reserved: list[str]) -> dict:
+    return {
+        "eos_token": EOS_TOKEN,
+        "pad_token": EOS_TOKEN,
+        "mask_token": MASK_TOKEN,
+        "additional_special_tokens": [*ROLE_TOKENS, *reserved],
+    }
+
+
+def _write_json(path: str, obj: dict) -> None:
+    with open(path, "w", encoding="utf-8", newline="\n") as f:
+        json.dump(obj, f, indent=2, ensure_ascii=False)
+        f.write("\n")
+
+
+def build_tokenizer(corpus_files: list[str], out_dir: str, vocab_size: int = 1024) -> None:
+    """Train a byte-level BPE of `vocab_size` entries on `corpus_files` and save it to `out_dir`
+    in HF format. Deterministic: the same files give byte-identical output."""
+    if vocab_size < 256 + len(SPECIAL_TOKENS):
+        raise ValueError(
+            f"vocab_size={vocab_size} is too small: a byte-level BPE needs at least "
+            f"{256 + len(SPECIAL_TOKENS)} entries (256 bytes + {len(SPECIAL_TOKENS)} specials)."
+        )
+    for path in corpus_files:
+        if not os.path.isfile(path):
+            raise ValueError(f"Corpus file {path!r} does not exist.")
+
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Digits(individual_digits=True),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True),
+        ]
+    )
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        # Listed first, so they get ids 0..4 whatever the corpus.
+        special_tokens=[AddedToken(t, special=True, normalized=False) for t in SPECIAL_TOKENS],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),  # every byte, seen or not
+        show_progress=False,
+    )
+    texts = (text for path in corpus_files for text in iter_corpus_texts(path))
+    tokenizer.train_from_iterator(texts, trainer=trainer)
+    for i, token in enumerate(SPECIAL_TOKENS):
+        assert tokenizer.token_to_id(token) == i, (token, tokenizer.token_to_id(token))
+    # A small corpus can run out of merges before vocab_size; fill up with reserved specials so
+    # that len(tokenizer) == vocab_size == the model's embedding rows, and no id is undecodable.
+    reserved = [RESERVED_TOKEN.format(i) for i in range(vocab_size - tokenizer.get_vocab_size())]
+    tokenizer.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in reserved])
+    assert tokenizer.get_vocab_size() == vocab_size, tokenizer.get_vocab_size()
+
+    os.makedirs(out_dir, exist_ok=True)
+    tokenizer.save(os.path.join(out_dir, "tokenizer.json"))
+    _write_json(os.path.join(out_dir, "tokenizer_config.json"), _tokenizer_config(reserved))
+    _write_json(os.path.join(out_dir, "special_tokens_map.json"), _special_tokens_map(reserved))
+
+
+def load_tokenizer(path: str | None = None) -> PreTrainedTokenizerBase:
+    """`AutoTokenizer.from_pretrained(path)`; `path` defaults to the shipped tokenizer."""
+    from transformers import AutoTokenizer  # heavy import, only when a tokenizer is needed
+
+    path = path or llada_train.DEFAULT_TOKENIZER_DIR
+    if not os.path.exists(path):
+        raise ValueError(
+            f"Tokenizer path {path!r} does not exist. Pass the folder of a saved HF tokenizer (or "
+            "of a model), or rebuild the shipped one with `python -m llada_train.tokenizer`."
+        )
+    return AutoTokenizer.from_pretrained(path)
+
+
+def special_ids(tokenizer: PreTrainedTokenizerBase) -> SpecialIds:
+    """Mask, EOS and pad ids of `tokenizer`, looked up by token string, never hard-coded."""
+    mask_id = tokenizer.convert_tokens_to_ids(MASK_TOKEN)
+    if mask_id is None or mask_id == tokenizer.unk_token_id or mask_id < 0:
+        raise ValueError(
+            f"The tokenizer has no mask token {MASK_TOKEN!r}. Add it as a special token, e.g. "
+            f"`tokenizer.add_special_tokens({{'mask_token': '{MASK_TOKEN}'}})`, and resize the "
+            "model's embeddings to the new vocabulary size."
+        )
+    if tokenizer.eos_token_id is None:
+        raise ValueError(
+            "The tokenizer has no EOS token. Set one, e.g. "
+            f"`tokenizer.add_special_tokens({{'eos_token': '{EOS_TOKEN}'}})`."
+        )
+    eos_id = int(tokenizer.eos_token_id)
+    # SFT pads with EOS (SPEC section 3.7), so EOS is the pad when none is set.
+    pad_id = eos_id if tokenizer.pad_token_id is None else int(tokenizer.pad_token_id)
+    all_special = tuple(sorted({*tokenizer.all_special_ids, int(mask_id), eos_id, pad_id}))
+    return SpecialIds(mask_id=int(mask_id), eos_id=eos_id, pad_id=pad_id, all_special=all_special)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument(
+        "--corpus",
+        nargs="+",
+        default=[os.path.join(llada_train.DATA_DIR, p) for p in SHIPPED_CORPUS],
+        help="text or jsonl files to train on (default: the shipped CPT + SFT train data)",
+    )
+    parser.add_argument("--out", default=llada_train.DEFAULT_TOKENIZER_DIR)
+    parser.add_argument("--vocab-size", type=int, default=1024)
+    args = parser.parse_args(argv)
+    build_tokenizer(args.corpus, args.out, args.vocab_size)
+    tokenizer = load_tokenizer(args.out)
+    ids = special_ids(tokenizer)
+    print(
+        f"tokenizer: {args.out} | vocab {len(tokenizer)} | mask {ids.mask_id} eos {ids.eos_id} "
+        f"pad {ids.pad_id} | {len(ids.all_special)} special ids"
+    )
+
+
+if __name__ == "__main__":
+    main()

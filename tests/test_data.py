@@ -1,0 +1,298 @@
+"""The shipped synthetic datasets: seeded determinism, the committed files are current, train and
+held-out files are disjoint, every answer is right (recomputed here from the text), and every code
+task's tests pass against its reference solution and fail against a wrong one."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+
+import pytest
+
+import llada_train
+from llada_train.data import generate
+
+SHIPPED_DIR = os.path.join(llada_train.DATA_DIR, "shipped")
+EVAL_DIR = os.path.join(llada_train.REPO_ROOT, "eval", "data")
+SHIPPED_FILES = [
+    "cpt.jsonl",
+    "sft_train.jsonl",
+    "sft_eval.jsonl",
+    "rl_math_train.jsonl",
+    "rl_math_eval.jsonl",
+    "rl_code_train.jsonl",
+]
+EVAL_FILES = ["arith_gen.jsonl", "arith_mc.jsonl", "code_tasks.jsonl"]
+
+# A chain of integers joined by + - * followed by "= result": "123 + 456 = 579", and the column
+# steps "4 + 9 + 1 = 14". Only two-operand chains are problems; longer ones are digit steps.
+EQUATION = re.compile(r"(\d+(?: [-+*] \d+)+) = (\d+)")
+EXPRESSION = re.compile(r"^\D*?(\d+) ([-+*]) (\d+)\D*$")  # a question stating one problem
+
+
+def _generate(root, seed: int) -> dict[str, list[dict]]:
+    out, eval_out = os.path.join(root, "shipped"), os.path.join(root, "eval")
+    generate.generate_all(out, eval_out, seed=seed)
+    return {name: _read(os.path.join(out, name)) for name in SHIPPED_FILES} | {
+        name: _read(os.path.join(eval_out, name)) for name in EVAL_FILES
+    }
+
+
+def _read(path: str) -> list[dict]:
+    with open(path, encoding="utf-8") as f:
+        return [json.loads(line) for line in f]
+
+
+def _paths(root) -> dict[str, str]:
+    return {n: os.path.join(root, "shipped", n) for n in SHIPPED_FILES} | {
+        n: os.path.join(root, "eval", n) for n in EVAL_FILES
+    }
+
+
+@pytest.fixture(scope="module")
+def gen_root(tmp_path_factory):
+    roots = {}
+    for name, seed in (("a", 0), ("b", 0), ("c", 1)):
+        roots[name] = tmp_path_factory.mktemp(name)
+        _generate(roots[name], seed)
+    return roots
+
+
+@pytest.fixture(scope="module")
+def shipped() -> dict[str, list[dict]]:
+    files = {name: _read(os.path.join(SHIPPED_DIR, name)) for name in SHIPPED_FILES}
+    return files | {name: _read(os.path.join(EVAL_DIR, name)) for name in EVAL_FILES}
+
+
+def _key(op: str, a: int, b: int) -> tuple[str, int, int]:
+    return (op, min(a, b), max(a, b)) if op in "+*" else (op, a, b)
+
+
+def _solve(op: str, a: int, b: int) -> int:
+    return {"+": a + b, "-": a - b, "*": a * b}[op]
+
+
+def _word_problem(prompt: str) -> tuple[str, int, int]:
+    numbers = [int(x) for x in re.findall(r"\d+", prompt)]
+    assert len(numbers) == 2, prompt
+    op = "*" if " each " in prompt else "-" if " left" in prompt else "+"
+    return (op, *numbers)
+
+
+def _question(text: str) -> tuple[str, int, int]:
+    """The problem a user message or eval question asks: an expression or a word problem."""
+    match = EXPRESSION.match(text)
+    if match:
+        return (match.group(2), int(match.group(1)), int(match.group(3)))
+    return _word_problem(text)
+
+
+def _equations(text: str) -> list[tuple[str, int]]:
+    return [(m.group(1), int(m.group(2))) for m in EQUATION.finditer(text)]
+
+
+def _problem_keys_in(text: str) -> set:
+    keys = set()
+    for lhs, _ in _equations(text):
+        parts = lhs.split(" ")
+        if len(parts) == 3:
+            keys.add(_key(parts[1], int(parts[0]), int(parts[2])))
+    return keys
+
+
+def _is_code_chat(messages: list[dict]) -> bool:
+    return messages[-2]["content"].startswith("Write a Python function")
+
+
+def _split_keys(files: dict[str, list[dict]]) -> tuple[set, set]:
+    """(training problem keys, held-out problem keys) stated anywhere in the files."""
+    train, heldout = set(), set()
+    for record in files["cpt.jsonl"]:
+        train |= _problem_keys_in(record["text"])
+    for name, keys in (("sft_train.jsonl", train), ("sft_eval.jsonl", heldout)):
+        for record in files[name]:
+            messages = record["messages"]
+            for message in messages:
+                keys |= _problem_keys_in(message["content"])
+            if not _is_code_chat(messages):
+                keys.add(_key(*_question(messages[-2]["content"])))
+    for record in files["rl_math_train.jsonl"]:
+        train.add(_key(*_word_problem(record["prompt"])))
+    for record in files["rl_math_eval.jsonl"]:
+        heldout.add(_key(*_word_problem(record["prompt"])))
+    for name in ("arith_gen.jsonl", "arith_mc.jsonl"):
+        heldout |= {_key(*_question(r["question"])) for r in files[name]}
+    return train, heldout
+
+
+def _code_entry_points(files: dict[str, list[dict]]) -> tuple[set, set]:
+    train = {r["entry_point"] for r in files["rl_code_train.jsonl"]}
+    heldout = {r["entry_point"] for r in files["code_tasks.jsonl"]}
+    for record in files["cpt.jsonl"]:
+        train |= set(re.findall(r"^def (\w+)\(", record["text"], flags=re.M))
+    for name, names in (("sft_train.jsonl", train), ("sft_eval.jsonl", heldout)):
+        for record in files[name]:
+            if _is_code_chat(record["messages"]):
+                names |= set(re.findall(r"`(\w+)\(", record["messages"][-2]["content"]))
+    return train, heldout
+
+
+# --- determinism and the committed files ---------------------------------------------------------
+
+
+def test_same_seed_same_bytes_other_seed_other_files(gen_root):
+    a, b, c = (_paths(gen_root[n]) for n in "abc")
+    for name in a:
+        with open(a[name], "rb") as fa, open(b[name], "rb") as fb, open(c[name], "rb") as fc:
+            data_a, data_b, data_c = fa.read(), fb.read(), fc.read()
+        assert data_a == data_b, name
+        assert data_a != data_c, name
+
+
+def test_shipped_files_are_current(gen_root):
+    # The committed files are what `python -m llada_train.data.generate` writes (seed 0).
+    paths = _paths(gen_root["a"])
+    shipped_paths = {n: os.path.join(SHIPPED_DIR, n) for n in SHIPPED_FILES} | {
+        n: os.path.join(EVAL_DIR, n) for n in EVAL_FILES
+    }
+    for name, path in paths.items():
+        with open(path, "rb") as f, open(shipped_paths[name], "rb") as g:
+            assert f.read() == g.read(), f"{name}: run `python -m llada_train.data.generate`"
+
+
+def test_sizes_and_schemas(shipped):
+    total = sum(
+        os.path.getsize(os.path.join(d, n))
+        for d, names in ((SHIPPED_DIR, SHIPPED_FILES), (EVAL_DIR, EVAL_FILES))
+        for n in names
+    )
+    assert total < 3_000_000
+    assert 2000 <= len(shipped["cpt.jsonl"]) and all(
+        set(r) == {"text"} for r in shipped["cpt.jsonl"]
+    )
+    for name in ("sft_train.jsonl", "sft_eval.jsonl"):
+        for record in shipped[name]:
+            roles = [m["role"] for m in record["messages"]]
+            assert roles in (["user", "assistant"], ["system", "user", "assistant"]), roles
+    for name in ("rl_math_train.jsonl", "rl_math_eval.jsonl"):
+        assert all(set(r) == {"prompt", "answer", "reward"} for r in shipped[name])
+        assert {r["reward"] for r in shipped[name]} == {"math"}
+    assert {r["reward"] for r in shipped["rl_code_train.jsonl"]} == {"code"}
+    code_fields = {"prompt", "entry_point", "tests"}
+    assert all(set(r) == code_fields | {"reward"} for r in shipped["rl_code_train.jsonl"])
+    assert all(set(r) == code_fields for r in shipped["code_tasks.jsonl"])
+    assert all(set(r) == {"question", "answer"} for r in shipped["arith_gen.jsonl"])
+    assert all(set(r) == {"question", "choices", "gold"} for r in shipped["arith_mc.jsonl"])
+    system_share = sum(len(r["messages"]) == 3 for r in shipped["sft_train.jsonl"]) / 5000
+    assert 0.1 < system_share < 0.3
+
+
+# --- disjointness ---------------------------------------------------------------------------------
+
+
+def test_train_and_heldout_problems_are_disjoint(shipped, gen_root):
+    train, heldout = _split_keys(shipped)
+    assert len(train) > 10_000 and len(heldout) > 1000
+    assert not train & heldout
+    # The split does not depend on the seed: seed 1's held-out problems never appear in seed 0's
+    # training files, and the reverse.
+    other_train, other_heldout = _split_keys(_generate(gen_root["c"], 1))
+    assert not train & other_heldout
+    assert not other_train & heldout
+    # Held-out files of one kind hold no duplicates (every eval item counts once).
+    for name in ("rl_math_eval.jsonl",):
+        prompts = [_key(*_word_problem(r["prompt"])) for r in shipped[name]]
+        assert len(prompts) == len(set(prompts))
+    for name in ("arith_gen.jsonl", "arith_mc.jsonl"):
+        questions = [_key(*_question(r["question"])) for r in shipped[name]]
+        assert len(questions) == len(set(questions))
+
+
+def test_train_and_heldout_code_tasks_are_disjoint(shipped):
+    train, heldout = _code_entry_points(shipped)
+    assert len(train) > 150 and len(heldout) > 30
+    assert not train & heldout
+    all_tasks = {t.entry_point for t in generate.code_tasks()}
+    assert train | heldout == all_tasks  # every task is used, on one side only
+
+
+# --- answers --------------------------------------------------------------------------------------
+
+
+def test_every_stated_equation_is_right(shipped):
+    num_checked = 0
+    texts = [r["text"] for r in shipped["cpt.jsonl"]]
+    for name in ("sft_train.jsonl", "sft_eval.jsonl"):
+        texts += [m["content"] for r in shipped[name] for m in r["messages"]]
+    for text in texts:
+        for lhs, result in _equations(text):
+            # Digits and + - * only; the one mixed chain, "d * b + carry", means what Python reads.
+            assert eval(lhs) == result, (lhs, result, text)
+            num_checked += 1
+    assert num_checked > 20_000
+
+
+def test_sft_final_answers(shipped):
+    for name in ("sft_train.jsonl", "sft_eval.jsonl"):
+        for record in shipped[name]:
+            messages = record["messages"]
+            if _is_code_chat(messages):
+                continue
+            answer = messages[-1]["content"]
+            final = answer if answer.isdigit() else answer.rsplit("\n#### ", 1)[1]
+            assert final == str(_solve(*_question(messages[-2]["content"]))), record
+
+
+def test_rl_math_answers(shipped):
+    for name in ("rl_math_train.jsonl", "rl_math_eval.jsonl"):
+        for record in shipped[name]:
+            assert record["answer"] == str(_solve(*_word_problem(record["prompt"]))), record
+
+
+def test_arith_eval_answers(shipped):
+    for record in shipped["arith_gen.jsonl"]:
+        assert record["answer"] == str(_solve(*_question(record["question"])))
+    for record in shipped["arith_mc.jsonl"]:
+        correct = str(_solve(*_question(record["question"])))
+        choices = record["choices"]
+        assert len(choices) == 4 and len(set(choices)) == 4
+        assert choices[record["gold"]] == correct and choices.count(correct) == 1
+        assert all(c.isdigit() for c in choices)
+    golds = [r["gold"] for r in shipped["arith_mc.jsonl"]]
+    assert len(set(golds)) == 4  # the answer is not always in the same slot
+
+
+def _run(source: str, tests: str) -> None:
+    namespace: dict = {}
+    exec(source, namespace)  # trusted code: our own reference solutions and tests
+    exec(tests, namespace)
+
+
+def test_code_tests_pass_reference_and_fail_wrong_solution():
+    tasks = generate.code_tasks()
+    assert len({t.entry_point for t in tasks}) == len(tasks)
+    for task in tasks:
+        _run(task.solution, task.tests)
+        _run(task.docstring_solution, task.tests)
+        wrong = f"def {task.entry_point}(*args):\n    return None\n"
+        with pytest.raises(AssertionError):
+            _run(wrong, task.tests)
+
+
+def test_code_files_run_against_reference(shipped):
+    solutions = generate.reference_solutions()
+    for name in ("rl_code_train.jsonl", "code_tasks.jsonl"):
+        for record in shipped[name]:
+            assert f"`{record['entry_point']}(" in record["prompt"]
+            _run(solutions[record["entry_point"]], record["tests"])
+    tests = {t.entry_point: t.tests for t in generate.code_tasks()}
+    fence = "```python\n"
+    for name in ("sft_train.jsonl", "sft_eval.jsonl"):
+        for record in shipped[name]:
+            if _is_code_chat(record["messages"]):
+                answer = record["messages"][-1]["content"]
+                assert answer.startswith(fence) and answer.endswith("```")
+                code = answer[len(fence) : -len("```")]
+                entry_point = re.match(r"def (\w+)\(", code).group(1)
+                _run(code, tests[entry_point])
