@@ -9,6 +9,8 @@ Legend: L sequence length, b block index = position // block_length, doc documen
   Noisy block b sees noisy block b and clean blocks < b; clean block b sees clean blocks <= b;
   clean never sees noisy. With `doc_ids`, every pair must also share a document.
 - Masks without documents depend only on (L, block_length, device) and are cached.
+- `training_inputs` assembles what the model sees in training from (x_t, x_0): the two-copy
+  layout, or x_t alone with full attention when one block covers the sequence.
 """
 
 from __future__ import annotations
@@ -73,3 +75,25 @@ def block_diffusion_mask(
 def document_mask(doc_ids: torch.Tensor) -> torch.Tensor:
     """Bool (B, 1, L, L): full attention restricted to the same document (block_length >= L)."""
     return (doc_ids[:, :, None] == doc_ids[:, None, :])[:, None]
+
+
+def training_inputs(
+    xt: torch.Tensor,  # (B, L) noisy tokens
+    x0: torch.Tensor,  # (B, L) clean tokens
+    block_length: int,
+    doc_ids: torch.Tensor | None = None,  # (B, L) or None (one document per row)
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, slice]:
+    """(input_ids, attention_mask, position_ids, logits_slice) for a training forward.
+
+    block_length < L: input [x_t ; x_0] (B, 2L), positions [0..L-1, 0..L-1], the block
+    diffusion mask; logits are read from the noisy half. block_length >= L: the layout reduces
+    to a full-attention masked diffusion model on x_t alone (no clean copy needed).
+    """
+    seq_len = xt.shape[1]
+    positions = torch.arange(seq_len, device=xt.device)[None]  # (1, L)
+    if block_length >= seq_len:
+        mask = None if doc_ids is None else document_mask(doc_ids)
+        return xt, mask, positions, slice(0, seq_len)
+    input_ids = torch.cat((xt, x0), dim=1)  # (B, 2L)
+    mask = block_diffusion_mask(seq_len, block_length, xt.device, doc_ids)
+    return input_ids, mask, torch.cat((positions, positions), dim=1), slice(0, seq_len)

@@ -1,0 +1,137 @@
+"""Checkpoints: DeepSpeed state for exact resume plus an HF-format export, written atomically.
+
+Layout of `<output_dir>/checkpoints/`:
+    step_00000050/            a complete checkpoint (only complete ones carry this name)
+        <DeepSpeed files>     model/optimizer/scheduler states of every rank, client state
+        hf/                   official-layout safetensors + config.json + tokenizer
+        COMPLETE.json         written last, before the rename: {"step": 50, ...}
+    step_00000100.partial/    a save in progress (or killed): ignored and removed on restart
+
+Contract: a checkpoint becomes visible under its final name only by one `os.rename` after every
+rank has finished writing, so a kill at any moment leaves the previous checkpoint usable.
+`resume=auto` picks the highest complete step. keep-last-N prunes older complete checkpoints
+after a new one is complete.
+
+Fault injection for tests (real SIGKILLs of rank 0, set through the environment):
+LLADA_TRAIN_FAULT=kill_in_save:STEP dies in the middle of saving that step (after the DeepSpeed
+files, before completion); LLADA_TRAIN_FAULT=kill_after_step:STEP dies right after that step.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import signal
+import time
+
+from llada_train.distributed import barrier, gathered_parameters
+from llada_train.model.io import save_pretrained
+
+_STEP_DIR = re.compile(r"^step_(\d{8})$")
+PARTIAL = ".partial"
+COMPLETE = "COMPLETE.json"
+
+
+def step_tag(step: int) -> str:
+    return f"step_{step:08d}"
+
+
+def complete_checkpoints(ckpt_root: str) -> list[tuple[int, str]]:
+    """[(step, path)] of complete checkpoints, oldest first."""
+    if not os.path.isdir(ckpt_root):
+        return []
+    found = []
+    for name in os.listdir(ckpt_root):
+        m = _STEP_DIR.match(name)
+        path = os.path.join(ckpt_root, name)
+        if m and os.path.exists(os.path.join(path, COMPLETE)):
+            found.append((int(m.group(1)), path))
+    return sorted(found)
+
+
+def resolve_resume(resume: str, ckpt_root: str) -> str | None:
+    """resume=auto -> latest complete checkpoint or None; none -> None; a path -> that path."""
+    if resume in ("none", "", None):
+        return None
+    if resume == "auto":
+        done = complete_checkpoints(ckpt_root)
+        return done[-1][1] if done else None
+    path = os.path.abspath(resume)
+    if not os.path.exists(os.path.join(path, COMPLETE)):
+        raise ValueError(f"resume={resume}: not a complete checkpoint (no {COMPLETE} inside)")
+    return path
+
+
+def remove_partials(ckpt_root: str) -> None:
+    """Drop saves that never completed (a crash or kill during save)."""
+    if os.path.isdir(ckpt_root):
+        for name in os.listdir(ckpt_root):
+            if name.endswith(PARTIAL):
+                shutil.rmtree(os.path.join(ckpt_root, name), ignore_errors=True)
+
+
+def save_checkpoint(
+    engine,
+    ckpt_root: str,
+    step: int,
+    client_state: dict,
+    is_main: bool,
+    keep_last: int,
+    export_hf: bool = True,
+    export_dtype=None,
+    tokenizer=None,
+) -> str:
+    """Save DeepSpeed state + HF export of `step` atomically; returns the final path."""
+    tag = step_tag(step)
+    partial_tag = tag + PARTIAL
+    partial = os.path.join(ckpt_root, partial_tag)
+    final = os.path.join(ckpt_root, tag)
+    engine.save_checkpoint(ckpt_root, tag=partial_tag, client_state=client_state, save_latest=False)
+    if export_hf:
+        model = engine.module
+        with gathered_parameters(model):
+            if is_main:
+                save_pretrained(
+                    model, os.path.join(partial, "hf"), dtype=export_dtype, tokenizer=tokenizer
+                )
+    if is_main:
+        fault_point("kill_in_save", step)
+    barrier()
+    if is_main:
+        with open(os.path.join(partial, COMPLETE), "w") as f:
+            json.dump({"step": step, "time": time.time()}, f)
+            f.flush()
+            os.fsync(f.fileno())
+        if os.path.exists(final):  # re-saving a step (e.g. after a resume) replaces it whole
+            shutil.rmtree(final)
+        os.rename(partial, final)
+        _fsync_dir(ckpt_root)
+        for _, old in complete_checkpoints(ckpt_root)[:-keep_last] if keep_last > 0 else []:
+            shutil.rmtree(old, ignore_errors=True)
+    barrier()
+    return final
+
+
+def _fsync_dir(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def fault_point(name: str, step: int) -> None:
+    """SIGKILL this process if LLADA_TRAIN_FAULT names this point and step (tests only)."""
+    if os.environ.get("LLADA_TRAIN_FAULT", "") == f"{name}:{step}":
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def load_checkpoint(engine, path: str) -> dict:
+    """Restore engine (model, optimizer, scheduler) from a complete checkpoint; client state."""
+    root, tag = os.path.split(os.path.abspath(path))
+    load_path, client_state = engine.load_checkpoint(root, tag=tag)
+    if load_path is None:
+        raise ValueError(f"{path}: DeepSpeed could not load this checkpoint")
+    return client_state or {}

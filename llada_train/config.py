@@ -1,0 +1,131 @@
+"""Typed config schemas of the training entry points, registered with Hydra.
+
+Contract:
+- Every entry point composes `conf/<entry>.yaml` over a structured schema in struct mode, so a
+  misspelt key fails at launch with Hydra's message naming the key.
+- Each component receives only its own sub-config (`cfg.corruption`, `cfg.optim`, ...).
+- `+recipe=NAME` selects `recipes/NAME.yaml`: every file there is registered here as an option of
+  the `recipe` group in the global package, so recipes are deltas over the defaults.
+- The `model` node is validated by `LLaDA2MoeConfig.from_dict(strict=True)` (unknown keys fail).
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING, OmegaConf
+
+from llada_train import RECIPES_DIR, REPO_ROOT
+
+# ${repo:relative/path} -> an absolute path inside the repository (shipped data, tokenizer).
+if not OmegaConf.has_resolver("repo"):
+    OmegaConf.register_new_resolver("repo", lambda p: os.path.join(REPO_ROOT, p))
+
+
+@dataclass
+class DataConfig:
+    kind: str = "sft"  # sft (chat `messages`) | cpt (raw `text`, packed)
+    train_files: list[str] = field(default_factory=list)  # local jsonl / json / parquet
+    hub_dataset: str | None = None  # a datasets hub name or a local dataset dir, instead of files
+    hub_split: str = "train"
+    field: str | None = None  # record field; default `messages` (sft) or `text` (cpt)
+    max_length: int = 256  # tokens per example (sft) or per packed sequence (cpt)
+    pad_supervised: bool = True  # sft: the EOS padding after a response is maskable/supervised
+    on_bad_record: str = "error"  # error | skip (skipped records are counted and reported)
+    shuffle: bool = True
+
+
+@dataclass
+class CorruptionConfig:
+    t_min: float = 0.3  # mask ratio t ~ U[t_min, t_max] (official SFT: 0.3-0.8; CPT: eps-1)
+    t_max: float = 0.8
+    noise_max: float = 0.2  # T2T: fraction r ~ U[0, noise_max] of visible tokens substituted
+    keep_share: float = 0.3  # share of unchanged visible tokens supervised to be kept
+    weighting: str = "none"  # none (official code) | inv_t (ELBO weight 1/t on M2T terms)
+    mtf_fraction: float = 0.0  # multi-turn forward: share of masks filled by the model's draft
+    complementary: bool = False  # pair every example with its complement mask
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 1e-5
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    eps: float = 1e-8
+    weight_decay: float = 0.1
+    warmup_ratio: float = 0.03
+    min_lr_ratio: float = 0.0  # cosine decays to lr * min_lr_ratio
+    grad_clip: float = 1.0
+
+
+@dataclass
+class DeepSpeedConfig:
+    stage: int = 0  # ZeRO stage 0 / 1 / 2 / 3
+    offload_optimizer: bool = False  # ZeRO-Offload of optimizer states to CPU (stage >= 1)
+    offload_param: bool = False  # parameters to CPU (stage 3)
+    overrides: dict[str, Any] = field(default_factory=dict)  # merged into the DeepSpeed json
+
+
+@dataclass
+class TrackingConfig:
+    mode: str = "offline"  # online | offline | disabled (W&B)
+    project: str = "llada_train"
+    entity: str | None = None
+    run_name: str | None = None
+    log_every: int = 1
+
+
+@dataclass
+class MoEConfig:
+    bias_update_rate: float = 1e-3  # aux-loss-free balancing: bias += rate * sign(mean - load)
+    aux_loss_coef: float = 0.0  # optional load-balance auxiliary loss (0 = off, as official)
+
+
+@dataclass
+class CheckpointConfig:
+    save_every: int = 50  # optimizer steps between saves (and at the last step)
+    keep_last: int = 3
+    export_hf: bool = True  # an HF-format (official names) export beside every DeepSpeed save
+    export_dtype: str = "auto"  # auto (the training dtype) | float32 | bfloat16
+    smoke_prompts: int = 2  # prompts decoded with the shared sampler at every save (0 = off)
+    smoke_gen_length: int = 32
+
+
+@dataclass
+class TrainConfig:
+    model: Any = MISSING  # a conf/model node; validated by LLaDA2MoeConfig
+    init_from: str | None = None  # HF-format dir (weights + tokenizer); None = fresh init
+    init_required: bool = False  # recipes of released models set this: init_from must be given
+    tokenizer: str | None = "default"  # default = shipped; a path; None = the init_from dir's
+    data: DataConfig = field(default_factory=DataConfig)
+    corruption: CorruptionConfig = field(default_factory=CorruptionConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    moe: MoEConfig = field(default_factory=MoEConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    sampler: Any = None  # a conf/sampler node, for the smoke generation at each save
+    block_length: int = 32
+    micro_batch_size: int = 4
+    global_batch_size: int = 8  # = micro_batch_size * accumulation_steps * world_size
+    max_steps: int = 100
+    seed: int = 0
+    precision: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | bf16 | fp32
+    activation_checkpointing: bool = False
+    output_dir: str = "runs/default"
+    resume: str = "auto"  # auto (latest complete checkpoint in output_dir) | none | a path
+    dry_run: bool = False  # build on the meta device, print sizes and DeepSpeed config, exit
+    progress: bool = True  # tqdm progress bar on rank 0
+
+
+def register_configs() -> None:
+    """Register schemas and every `recipes/*.yaml` as the `recipe` group (global package)."""
+    cs = ConfigStore.instance()
+    cs.store(name="train_schema", node=TrainConfig)
+    for path in sorted(glob.glob(os.path.join(RECIPES_DIR, "*.yaml"))):
+        name = os.path.splitext(os.path.basename(path))[0]
+        node = OmegaConf.load(path)
+        cs.store(group="recipe", name=name, node=node, package="_global_")

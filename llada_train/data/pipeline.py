@@ -1,0 +1,293 @@
+"""From records on disk to model-ready batches for CPT and SFT.
+
+Contract:
+- Sources: local `.jsonl` / `.json` / `.parquet` files (several allowed), or a `datasets` hub
+  name / a directory written by `Dataset.save_to_disk`. Every record keeps its origin
+  ("file:line" for jsonl) so a bad record is reported where it is.
+- SFT (`messages`): the prompt is every message before the last, rendered by the tokenizer's
+  chat template with the generation prompt; the response is the last message (must be the
+  assistant's, non-empty) followed by EOS. The example is padded with EOS to a multiple of
+  block_length. Prompt tokens are never maskable; response and EOS are; the padding is when
+  `pad_supervised` (the official model learned to stop by predicting EOS into the padding).
+- CPT (`text`): documents + EOS are concatenated and cut into sequences of `max_length`; every
+  token is maskable; `doc_ids` numbers the documents inside each sequence (document mask).
+- Bad records (missing/empty field, wrong types, too long) raise a ValueError naming origin and
+  what to change, or with on_bad_record=skip are dropped and counted.
+- `GlobalBatches`: the example order is a seeded permutation per epoch, identical on every rank;
+  global step s takes the next `global_batch_size` examples, rank r takes its contiguous share,
+  split into micro-batches. A position is a pure function of the step, so resume is exact and
+  2 processes see exactly the examples 1 process sees.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+
+from llada_train.tokenizer import SpecialIds
+
+
+@dataclass
+class Example:
+    input_ids: list[int]
+    maskable: list[bool]
+    doc_ids: list[int] | None = None
+
+
+@dataclass
+class Batch:
+    x0: torch.Tensor  # (B, L) clean tokens
+    maskable: torch.Tensor  # (B, L) bool
+    doc_ids: torch.Tensor | None  # (B, L) or None
+    example_index: list[int]  # global index of each row inside its optimizer step
+
+
+class BadRecord(ValueError):
+    pass
+
+
+# ---------------------------------------------------------------------------- reading
+def read_records(files: list[str], hub_dataset: str | None = None, hub_split: str = "train"):
+    """Yield (record dict, origin string) from local files or a datasets source."""
+    if hub_dataset:
+        import datasets
+
+        if os.path.isdir(hub_dataset) and os.path.exists(
+            os.path.join(hub_dataset, "dataset_info.json")
+        ):
+            ds = datasets.load_from_disk(hub_dataset)
+        elif os.path.isdir(hub_dataset) and os.path.exists(os.path.join(hub_dataset, "state.json")):
+            ds = datasets.load_from_disk(hub_dataset)
+        else:
+            ds = datasets.load_dataset(hub_dataset, split=hub_split)
+        if isinstance(ds, datasets.DatasetDict):
+            ds = ds[hub_split]
+        for i, rec in enumerate(ds):
+            yield rec, f"{hub_dataset}[{hub_split}] row {i}"
+        return
+    if not files:
+        raise ValueError("data.train_files is empty: give local files or data.hub_dataset")
+    for path in files:
+        if not os.path.exists(path):
+            raise ValueError(f"data file not found: {path}")
+        if path.endswith(".jsonl"):
+            with open(path) as f:
+                for lineno, line in enumerate(f, 1):
+                    if not line.strip():
+                        continue
+                    try:
+                        rec = json.loads(line)
+                    except json.JSONDecodeError as e:
+                        raise BadRecord(f"{path}:{lineno}: invalid JSON ({e.msg})") from None
+                    yield rec, f"{path}:{lineno}"
+        elif path.endswith(".json"):
+            with open(path) as f:
+                try:
+                    recs = json.load(f)
+                except json.JSONDecodeError as e:
+                    raise BadRecord(f"{path}:{e.lineno}: invalid JSON ({e.msg})") from None
+            if not isinstance(recs, list):
+                raise BadRecord(f"{path}: expected a JSON list of records")
+            for i, rec in enumerate(recs):
+                yield rec, f"{path}[{i}]"
+        elif path.endswith(".parquet"):
+            import datasets
+
+            for i, rec in enumerate(datasets.Dataset.from_parquet(path)):
+                yield rec, f"{path} row {i}"
+        else:
+            raise ValueError(f"{path}: unsupported data file type (use .jsonl, .json or .parquet)")
+
+
+# ---------------------------------------------------------------------------- SFT
+def build_sft_example(
+    record: dict,
+    origin: str,
+    tokenizer,
+    ids: SpecialIds,
+    max_length: int,
+    block_length: int,
+    pad_supervised: bool,
+    field: str = "messages",
+) -> Example:
+    messages = record.get(field) if isinstance(record, dict) else None
+    if messages is None:
+        raise BadRecord(f"{origin}: missing field '{field}' (a list of {{role, content}} messages)")
+    if not isinstance(messages, list) or not messages:
+        raise BadRecord(f"{origin}: '{field}' must be a non-empty list of messages")
+    for k, m in enumerate(messages):
+        if (
+            not isinstance(m, dict)
+            or not isinstance(m.get("role"), str)
+            or not isinstance(m.get("content"), str)
+        ):
+            raise BadRecord(f"{origin}: message {k} needs string fields 'role' and 'content'")
+    last = messages[-1]
+    if last["role"] != "assistant":
+        raise BadRecord(
+            f"{origin}: the last message must be the assistant's response, got '{last['role']}'"
+        )
+    if not last["content"].strip():
+        raise BadRecord(f"{origin}: empty assistant response")
+    prompt = tokenizer.apply_chat_template(
+        messages[:-1], add_generation_prompt=True, tokenize=False
+    )
+    prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    response_ids = tokenizer(last["content"], add_special_tokens=False)["input_ids"] + [ids.eos_id]
+    n = len(prompt_ids) + len(response_ids)
+    if n > max_length:
+        raise BadRecord(
+            f"{origin}: {n} tokens exceed data.max_length={max_length} (raise it or skip)"
+        )
+    padded = -(-n // block_length) * block_length
+    pad = padded - n
+    return Example(
+        input_ids=prompt_ids + response_ids + [ids.eos_id] * pad,
+        maskable=[False] * len(prompt_ids) + [True] * len(response_ids) + [pad_supervised] * pad,
+    )
+
+
+def load_sft_examples(
+    data_cfg, tokenizer, ids: SpecialIds, block_length: int
+) -> tuple[list[Example], int]:
+    """All SFT examples of the configured source and the number of skipped bad records."""
+    examples, skipped = [], 0
+    for rec, origin in read_records(
+        list(data_cfg.train_files), data_cfg.hub_dataset, data_cfg.hub_split
+    ):
+        try:
+            examples.append(
+                build_sft_example(
+                    rec,
+                    origin,
+                    tokenizer,
+                    ids,
+                    data_cfg.max_length,
+                    block_length,
+                    data_cfg.pad_supervised,
+                    data_cfg.field or "messages",
+                )  # fmt: skip
+            )
+        except BadRecord:
+            if data_cfg.on_bad_record != "skip":
+                raise
+            skipped += 1
+    if not examples:
+        raise ValueError("no usable SFT examples in the configured data")
+    return examples, skipped
+
+
+# ---------------------------------------------------------------------------- CPT
+def load_cpt_examples(data_cfg, tokenizer, ids: SpecialIds) -> tuple[list[Example], int]:
+    """Pack documents (+EOS) into sequences of data.max_length with per-sequence doc ids."""
+    field = data_cfg.field or "text"
+    stream: list[int] = []
+    docs: list[int] = []
+    skipped = 0
+    for doc, (rec, origin) in enumerate(
+        read_records(list(data_cfg.train_files), data_cfg.hub_dataset, data_cfg.hub_split)
+    ):
+        text = rec.get(field) if isinstance(rec, dict) else None
+        if not isinstance(text, str) or not text.strip():
+            if data_cfg.on_bad_record == "skip":
+                skipped += 1
+                continue
+            what = "missing" if text is None else "empty or not a string"
+            raise BadRecord(f"{origin}: field '{field}' is {what}")
+        tokens = tokenizer(text, add_special_tokens=False)["input_ids"] + [ids.eos_id]
+        stream.extend(tokens)
+        docs.extend([doc] * len(tokens))
+    n = data_cfg.max_length
+    examples = []
+    for start in range(0, len(stream) - n + 1, n):  # the last partial sequence is dropped
+        d = docs[start : start + n]
+        first = d[0]
+        examples.append(Example(stream[start : start + n], [True] * n, [x - first for x in d]))
+    if not examples:
+        raise ValueError(f"the CPT corpus has fewer than data.max_length={n} tokens")
+    return examples, skipped
+
+
+# ---------------------------------------------------------------------------- batching
+def collate(
+    examples: list[Example], eos_id: int, pad_maskable: bool, example_index: list[int]
+) -> Batch:
+    """Pad to the longest example with EOS (maskable = pad_maskable; SFT lengths are already
+    multiples of block_length)."""
+    length = max(len(e.input_ids) for e in examples)
+    x0 = torch.full((len(examples), length), eos_id, dtype=torch.long)  # (B, L)
+    maskable = torch.full((len(examples), length), pad_maskable, dtype=torch.bool)
+    has_docs = examples[0].doc_ids is not None
+    doc_ids = torch.zeros((len(examples), length), dtype=torch.long) if has_docs else None
+    for i, e in enumerate(examples):
+        n = len(e.input_ids)
+        x0[i, :n] = torch.tensor(e.input_ids)
+        maskable[i, :n] = torch.tensor(e.maskable)
+        if has_docs:
+            doc_ids[i, :n] = torch.tensor(e.doc_ids)
+            doc_ids[i, n:] = doc_ids[i, n - 1] + 1
+    return Batch(x0, maskable, doc_ids, example_index)
+
+
+class GlobalBatches:
+    """Deterministic global batches; `micro_batches(step)` gives this rank's share of a step."""
+
+    def __init__(
+        self,
+        examples: list[Example],
+        global_batch_size: int,
+        micro_batch_size: int,
+        rank: int,
+        world_size: int,
+        seed: int,
+        shuffle: bool,
+        eos_id: int,
+        pad_maskable: bool,
+    ):
+        if global_batch_size % (micro_batch_size * world_size):
+            raise ValueError(
+                f"global_batch_size={global_batch_size} must be a multiple of micro_batch_size "
+                f"({micro_batch_size}) x processes ({world_size})"
+            )
+        self.examples = examples
+        self.global_batch_size = global_batch_size
+        self.micro_batch_size = micro_batch_size
+        self.accumulation_steps = global_batch_size // (micro_batch_size * world_size)
+        self.rank, self.world_size = rank, world_size
+        self.seed, self.shuffle = seed, shuffle
+        self.eos_id, self.pad_maskable = eos_id, pad_maskable
+        self._orders: dict[int, list[int]] = {}
+
+    def _order(self, epoch: int) -> list[int]:
+        if epoch not in self._orders:
+            n = len(self.examples)
+            if self.shuffle:
+                g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+                self._orders = {epoch: torch.randperm(n, generator=g).tolist()}
+            else:
+                self._orders = {epoch: list(range(n))}
+        return self._orders[epoch]
+
+    def example_ids(self, step: int) -> list[int]:
+        """Dataset indices of the whole global batch of `step`."""
+        n = len(self.examples)
+        start = step * self.global_batch_size
+        return [self._order(p // n)[p % n] for p in range(start, start + self.global_batch_size)]
+
+    def epoch(self, step: int) -> float:
+        return step * self.global_batch_size / len(self.examples)
+
+    def micro_batches(self, step: int) -> Iterator[Batch]:
+        ids = self.example_ids(step)
+        per_rank = self.global_batch_size // self.world_size
+        first = self.rank * per_rank
+        for a in range(self.accumulation_steps):
+            lo = first + a * self.micro_batch_size
+            rows = list(range(lo, lo + self.micro_batch_size))
+            yield collate(
+                [self.examples[ids[i]] for i in rows], self.eos_id, self.pad_maskable, rows
+            )

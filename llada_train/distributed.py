@@ -1,0 +1,218 @@
+"""The only module that touches torch.distributed and DeepSpeed.
+
+Contract:
+- `init_distributed()` works the same under `python -m` (a world of one: it fills in the
+  rendezvous variables torchrun would set) and under `torchrun`/`deepspeed`; NCCL on CUDA, gloo
+  on CPU (`DS_ACCELERATOR=cpu`).
+- `deepspeed_config(...)` is the one place the DeepSpeed json is produced from our typed config.
+- `create_engine(...)`: a real DeepSpeed engine (ZeRO 0-3, optional CPU offload) over the model,
+  AdamW with decoupled weight decay on matrices only, and a step-indexed LR schedule.
+- `gathered_parameters(model)`: full weights on every rank for the duration of a block (a no-op
+  below ZeRO-3), used around whole sampler calls and exports, never per forward.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import socket
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def init_distributed() -> DistInfo:
+    """Initialise the process group once (idempotent) and return this process's place in it."""
+    if not torch.cuda.is_available():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    if "RANK" not in os.environ:  # plain `python -m`: a world of one
+        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", LOCAL_WORLD_SIZE="1")
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+    import deepspeed
+
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    if torch.cuda.is_available():
+        torch.cuda.set_device(local_rank)
+        device = torch.device("cuda", local_rank)
+    else:
+        device = torch.device("cpu")
+    if not dist.is_initialized():
+        deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo")
+    return DistInfo(dist.get_rank(), dist.get_world_size(), local_rank, device)
+
+
+def world_size_from_env() -> int:
+    return int(os.environ.get("WORLD_SIZE", 1))
+
+
+def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
+    """In-place sum over ranks (a no-op in a world of one); returns t."""
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return t
+
+
+def barrier() -> None:
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.barrier()
+
+
+def broadcast_object(obj: Any, src: int = 0) -> Any:
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=src)
+    return box[0]
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """'auto' -> bf16 on CUDA, fp32 elsewhere."""
+    if precision not in ("auto", "bf16", "fp32"):
+        raise ValueError(f"precision={precision!r}: choose auto, bf16 or fp32")
+    if precision == "auto":
+        return "bf16" if device.type == "cuda" else "fp32"
+    return precision
+
+
+def deepspeed_config(
+    ds_cfg,  # config.DeepSpeedConfig
+    optim_cfg,  # config.OptimConfig
+    micro_batch_size: int,
+    accumulation_steps: int,
+    world_size: int,
+    precision: str,
+) -> dict[str, Any]:
+    """The DeepSpeed json for our run; `ds_cfg.overrides` is merged last (nested dicts merged)."""
+    if ds_cfg.stage not in (0, 1, 2, 3):
+        raise ValueError(f"deepspeed.stage={ds_cfg.stage}: ZeRO stages are 0, 1, 2, 3")
+    if ds_cfg.offload_param and ds_cfg.stage != 3:
+        raise ValueError("deepspeed.offload_param needs deepspeed.stage=3")
+    if ds_cfg.offload_optimizer and ds_cfg.stage == 0:
+        raise ValueError("deepspeed.offload_optimizer needs deepspeed.stage >= 1")
+    zero: dict[str, Any] = {"stage": ds_cfg.stage}
+    if ds_cfg.stage >= 2:
+        zero.update(overlap_comm=False, contiguous_gradients=True, reduce_scatter=True)
+    if ds_cfg.stage == 3:
+        # gather every parameter the same way on every rank; MoE experts are stacked weights
+        # used whole, so the trace is identical across ranks (SPEC section 1)
+        zero.update(stage3_gather_16bit_weights_on_model_save=False)
+    if ds_cfg.offload_optimizer:
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
+    if ds_cfg.offload_param:
+        zero["offload_param"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
+    config: dict[str, Any] = {
+        "train_micro_batch_size_per_gpu": micro_batch_size,
+        "gradient_accumulation_steps": accumulation_steps,
+        "train_batch_size": micro_batch_size * accumulation_steps * world_size,
+        "gradient_clipping": optim_cfg.grad_clip,
+        "zero_optimization": zero,
+        "zero_allow_untested_optimizer": True,
+        "bf16": {"enabled": precision == "bf16"},
+        "steps_per_print": 10**9,
+        "wall_clock_breakdown": False,
+    }
+    if ds_cfg.offload_optimizer:  # ZeRO-Offload needs DeepSpeed's CPU Adam, built from config
+        config["optimizer"] = {
+            "type": "AdamW",
+            "params": {
+                "lr": optim_cfg.lr,
+                "betas": list(optim_cfg.betas),
+                "eps": optim_cfg.eps,
+                "weight_decay": optim_cfg.weight_decay,
+            },
+        }
+    return _merge(config, dict(ds_cfg.overrides))
+
+
+def _merge(base: dict, extra: dict) -> dict:
+    for k, v in extra.items():
+        base[k] = (
+            _merge(dict(base[k]), dict(v))
+            if isinstance(v, dict) and isinstance(base.get(k), dict)
+            else v
+        )
+    return base
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """Weight decay on matrices (ndim >= 2); none on norms (vectors)."""
+    decay, no_decay = [], []
+    for p in model.parameters():
+        if p.requires_grad:
+            (decay if p.ndim >= 2 else no_decay).append(p)
+    return [
+        {"params": decay, "weight_decay": weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+
+
+def lr_lambda(step: int, max_steps: int, warmup_ratio: float, min_lr_ratio: float) -> float:
+    """Linear warmup over ceil(warmup_ratio * max_steps) steps, then cosine to min_lr_ratio."""
+    warmup = math.ceil(warmup_ratio * max_steps)
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, max_steps - warmup))
+    return min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def create_engine(model: torch.nn.Module, ds_config: dict[str, Any], optim_cfg, max_steps: int):
+    """A DeepSpeed engine with AdamW and the warmup+cosine schedule (stepped by DeepSpeed)."""
+    import deepspeed
+
+    schedule = lambda s: lr_lambda(s, max_steps, optim_cfg.warmup_ratio, optim_cfg.min_lr_ratio)  # noqa: E731
+    optimizer = None
+    if "optimizer" not in ds_config:
+        optimizer = torch.optim.AdamW(
+            param_groups(model, optim_cfg.weight_decay),
+            lr=optim_cfg.lr,
+            betas=tuple(optim_cfg.betas),
+            eps=optim_cfg.eps,
+        )
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+    else:
+        scheduler = lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, schedule)  # noqa: E731
+    engine, _, _, _ = deepspeed.initialize(
+        model=model,
+        optimizer=optimizer,
+        model_parameters=None
+        if optimizer is not None
+        else param_groups(model, optim_cfg.weight_decay),
+        lr_scheduler=scheduler,
+        config=ds_config,
+    )
+    return engine
+
+
+@contextlib.contextmanager
+def gathered_parameters(model: torch.nn.Module, modifier_rank: int | None = None):
+    """Full parameters inside the block under ZeRO-3 (once, around a whole sampler call)."""
+    params = [p for p in model.parameters() if hasattr(p, "ds_id")]
+    if not params:
+        yield
+        return
+    import deepspeed
+
+    with deepspeed.zero.GatheredParameters(params, modifier_rank=modifier_rank):
+        yield

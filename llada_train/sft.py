@@ -1,0 +1,27 @@
+"""Supervised fine-tuning of a LLaDA2.x block-diffusion model (M2T + T2T), on DeepSpeed ZeRO.
+
+    python -m llada_train.sft +recipe=tiny                       # CPU, shipped data
+    torchrun --nproc_per_node 8 -m llada_train.sft +recipe=mini init_from=DIR ...
+    python -m llada_train.sft +recipe=mini dry_run=true          # sizes + DeepSpeed config
+
+Config: conf/sft.yaml over the typed schema in llada_train/config.py; the loop is
+llada_train/train.py, shared with the other pre-training entry point.
+"""
+
+import hydra
+from omegaconf import DictConfig
+
+from llada_train import CONF_DIR
+from llada_train.config import register_configs
+from llada_train.train import train
+
+register_configs()
+
+
+@hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="sft")
+def main(cfg: DictConfig) -> None:
+    train(cfg, task="sft")
+
+
+if __name__ == "__main__":
+    main()

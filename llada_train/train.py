@@ -1,0 +1,433 @@
+"""The CPT/SFT training loop: corruption (M2T + T2T), block-diffusion loss, DeepSpeed ZeRO.
+
+One loop for `python -m llada_train.cpt|sft` and for `torchrun`; it reads top to bottom:
+    set-up (process group, tokenizer, model, data, engine, resume)
+    for each optimizer step:
+        corrupt this rank's micro-batches from per-example seeds (seed, step, 0, global index)
+        all-reduce the number of supervised tokens of the whole step
+        forward/backward each micro-batch with loss = local_sum * W * A / global_count
+        DeepSpeed steps the optimizer at the accumulation boundary (clip, AdamW, LR schedule)
+        aux-loss-free expert-bias update from the step's all-reduced expert load
+        log; save (atomic) + HF export + smoke generation through the shared sampler
+The corruption seeds use the example's index inside the global batch (rank slot fixed to 0), so
+the noise of an example does not depend on how many processes share the batch: 2 processes
+reproduce 1 process, and a resumed run reproduces an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import dataclass
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+from tqdm import tqdm
+
+from llada_train import DEFAULT_TOKENIZER_DIR
+from llada_train.checkpoint import (
+    fault_point,
+    load_checkpoint,
+    remove_partials,
+    resolve_resume,
+    save_checkpoint,
+)
+from llada_train.corruption import (
+    Corruption,
+    apply_model_draft,
+    corrupt,
+    example_seed,
+    with_complements,
+)
+from llada_train.data.pipeline import GlobalBatches, load_cpt_examples, load_sft_examples
+from llada_train.distributed import (
+    DistInfo,
+    all_reduce_sum,
+    create_engine,
+    deepspeed_config,
+    gathered_parameters,
+    init_distributed,
+    resolve_precision,
+    world_size_from_env,
+)
+from llada_train.losses import (
+    diffusion_loss,
+    expert_bias_update,
+    load_balance_aux_loss,
+    loss_metrics,
+    micro_batch_loss,
+)
+from llada_train.masks import training_inputs
+from llada_train.model.config import LLaDA2MoeConfig
+from llada_train.model.io import load_official_weights
+from llada_train.model.modeling import LLaDA2MoeModelLM
+from llada_train.tokenizer import SpecialIds, load_tokenizer, special_ids
+from llada_train.tracking import Tracker
+
+TASKS = ("sft", "cpt")
+
+
+@dataclass
+class StepInputs:
+    x0: torch.Tensor  # (B, L)
+    doc_ids: torch.Tensor | None  # (B, L)
+    c: Corruption
+
+
+# ---------------------------------------------------------------------------- set-up helpers
+def resolve_model_config(cfg: DictConfig, tokenizer) -> LLaDA2MoeConfig:
+    """The model config: init_from's config.json, else the `model` node (+ tokenizer ids)."""
+    if cfg.init_from:
+        return LLaDA2MoeConfig.from_json(cfg.init_from)
+    d = OmegaConf.to_container(cfg.model, resolve=True)
+    if tokenizer is not None:
+        ids = special_ids(tokenizer)
+        if len(tokenizer) > d["vocab_size"]:
+            raise ValueError(
+                f"model.vocab_size={d['vocab_size']} < tokenizer size {len(tokenizer)}: raise it"
+            )
+        d.update(eos_token_id=ids.eos_id, pad_token_id=ids.pad_id, mask_token_id=ids.mask_id)
+    return LLaDA2MoeConfig.from_dict(d, strict=True)
+
+
+def resolve_tokenizer(cfg: DictConfig):
+    spec = cfg.tokenizer
+    if spec is None:
+        if not cfg.init_from:
+            if cfg.dry_run:
+                return None
+            raise ValueError("tokenizer=null needs init_from=DIR holding the tokenizer files")
+        return load_tokenizer(cfg.init_from)
+    return load_tokenizer(DEFAULT_TOKENIZER_DIR if spec == "default" else spec)
+
+
+def build_model(cfg: DictConfig, config: LLaDA2MoeConfig, ds_config: dict, info: DistInfo):
+    """Fresh (seeded, identical on every rank) or loaded from init_from. With ZeRO-3 and
+    init_from, parameters are created partitioned (zero.Init) and filled from the checkpoint."""
+    if cfg.init_from and cfg.deepspeed.stage == 3:
+        import deepspeed
+
+        with deepspeed.zero.Init(config_dict_or_path=ds_config):
+            model = LLaDA2MoeModelLM(config)
+        with gathered_parameters(model, modifier_rank=0):
+            if info.is_main:
+                load_official_weights(model, cfg.init_from)
+        return model
+    torch.manual_seed(cfg.seed)
+    if cfg.init_from:
+        with torch.device("meta"):
+            model = LLaDA2MoeModelLM(config)
+        model = model.to_empty(device="cpu")
+        load_official_weights(model, cfg.init_from)
+        return model
+    return LLaDA2MoeModelLM(config)
+
+
+def check_config(cfg: DictConfig, task: str) -> None:
+    if task not in TASKS:
+        raise ValueError(f"task must be one of {TASKS}")
+    if cfg.data.kind != task:
+        raise ValueError(f"data.kind={cfg.data.kind!r} but this is the {task} entry point")
+    if cfg.init_required and not cfg.init_from and not cfg.dry_run:
+        raise ValueError(
+            "this recipe fine-tunes a released model: pass init_from=/path/to/checkpoint_dir "
+            "(an HF-format LLaDA2.x directory with config.json, safetensors and tokenizer)"
+        )
+    if cfg.data.on_bad_record not in ("error", "skip"):
+        raise ValueError(f"data.on_bad_record={cfg.data.on_bad_record!r}: choose error or skip")
+    if cfg.max_steps <= 0 or cfg.micro_batch_size <= 0 or cfg.block_length <= 0:
+        raise ValueError("max_steps, micro_batch_size and block_length must be positive")
+
+
+def dry_run(cfg: DictConfig, task: str) -> None:
+    """Build on the meta device, print parameter counts and the DeepSpeed config, exit."""
+    tokenizer = resolve_tokenizer(cfg)
+    config = resolve_model_config(cfg, tokenizer)
+    with torch.device("meta"):
+        model = LLaDA2MoeModelLM(config)
+    counted = sum(p.numel() for p in model.parameters())
+    total, active = config.num_parameters()
+    assert counted == total, (counted, total)
+    world = world_size_from_env()
+    accumulation = max(1, cfg.global_batch_size // (cfg.micro_batch_size * world))
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    ds = deepspeed_config(
+        cfg.deepspeed, cfg.optim, cfg.micro_batch_size, accumulation, world,
+        resolve_precision(cfg.precision, device),
+    )  # fmt: skip
+    print(f"[dry run] {task}: model built on the meta device (no weights allocated)")
+    print(f"total parameters:  {total:,} ({total / 1e9:.2f}B)")
+    print(f"active per token:  {active:,} ({active / 1e9:.2f}B)")
+    k, e = config.num_experts_per_tok, config.num_experts
+    print(f"layers {config.num_hidden_layers}, experts {e} top-{k}")
+    print("resolved DeepSpeed config:")
+    print(json.dumps(ds, indent=2))
+
+
+# ---------------------------------------------------------------------------- step pieces
+def corrupt_micro_batch(
+    batch, cfg: DictConfig, step: int, ids: SpecialIds, vocab_size: int, device
+) -> tuple[StepInputs, list[int]]:
+    """Corrupt one micro-batch; returns the inputs and the per-row seeds (for MTF drafts)."""
+    c_cfg = cfg.corruption
+    x0, maskable = batch.x0.to(device), batch.maskable.to(device)
+    doc_ids = batch.doc_ids.to(device) if batch.doc_ids is not None else None
+    seeds = [example_seed(cfg.seed, step, 0, i) for i in batch.example_index]
+    kwargs = dict(
+        mask_id=ids.mask_id, t_min=c_cfg.t_min, t_max=c_cfg.t_max, noise_max=c_cfg.noise_max,
+        keep_share=c_cfg.keep_share, vocab_size=vocab_size, special_ids=ids.all_special,
+    )  # fmt: skip
+    if c_cfg.complementary:
+        c = with_complements(x0, maskable, seeds, **kwargs)
+        x0 = torch.cat((x0, x0))
+        doc_ids = torch.cat((doc_ids, doc_ids)) if doc_ids is not None else None
+        seeds = seeds + [s ^ 0x5DEECE66D for s in seeds]  # partner rows draw their own drafts
+    else:
+        c = corrupt(x0, maskable, seeds, **kwargs)
+    return StepInputs(x0, doc_ids, c), seeds
+
+
+def model_forward(model_or_engine, xt, x0, doc_ids, block_length: int) -> torch.Tensor:
+    input_ids, mask, positions, logits_slice = training_inputs(xt, x0, block_length, doc_ids)
+    return model_or_engine(
+        input_ids, attention_mask=mask, position_ids=positions, logits_slice=logits_slice
+    )
+
+
+def moe_aux_loss(model: LLaDA2MoeModelLM) -> torch.Tensor:
+    losses = []
+    for moe in model.moe_layers():
+        if moe.last_routing is not None:
+            scores, topk_idx = moe.last_routing
+            losses.append(load_balance_aux_loss(scores, topk_idx, moe.num_experts))
+    return torch.stack(losses).mean() if losses else torch.zeros(())
+
+
+@torch.no_grad()
+def update_expert_bias(model: LLaDA2MoeModelLM, loads: torch.Tensor, rate: float) -> None:
+    for moe, load in zip(model.moe_layers(), loads, strict=True):
+        moe.gate.expert_bias.copy_(expert_bias_update(moe.gate.expert_bias, load, rate))
+
+
+def smoke_generate(
+    model, tokenizer, ids: SpecialIds, cfg: DictConfig, info: DistInfo, eval_prompts
+):
+    """Decode a few prompts with the shared sampler (weights gathered once under ZeRO-3)."""
+    from llada_train.sampler import Sampler, SamplerConfig
+
+    n = cfg.checkpoint.smoke_prompts
+    if n <= 0 or not eval_prompts:
+        return None
+    s_cfg = (
+        SamplerConfig(**OmegaConf.to_container(cfg.sampler, resolve=True))
+        if cfg.sampler
+        else SamplerConfig()
+    )
+    s_cfg = s_cfg.replace(gen_length=cfg.checkpoint.smoke_gen_length, block_length=cfg.block_length)
+    was_training = model.training
+    model.eval()
+    try:
+        with gathered_parameters(model):
+            out = Sampler(model, ids.mask_id, ids.eos_id, s_cfg, device=info.device).generate(
+                eval_prompts[:n]
+            )
+    finally:
+        model.train(was_training)
+    texts = [tokenizer.decode(t, skip_special_tokens=True) for t in out.tokens]
+    return texts, out.stats
+
+
+def smoke_prompts(tokenizer, task: str, examples) -> list[list[int]]:
+    """Prompts for the per-checkpoint generation: SFT prompts of the data, or CPT prefixes."""
+    prompts = []
+    for e in examples[:8]:
+        if task == "sft":
+            n = e.maskable.index(True)
+            prompts.append(e.input_ids[:n])
+        else:
+            prompts.append(e.input_ids[:16])
+    return prompts
+
+
+# ---------------------------------------------------------------------------- the loop
+def train(cfg: DictConfig, task: str) -> str:
+    """Run CPT or SFT as configured; returns the output directory."""
+    check_config(cfg, task)
+    if cfg.dry_run:
+        dry_run(cfg, task)
+        return cfg.output_dir
+    info = init_distributed()
+    run_dir = os.path.abspath(cfg.output_dir)
+    ckpt_root = os.path.join(run_dir, "checkpoints")
+    tokenizer = resolve_tokenizer(cfg)
+    ids = special_ids(tokenizer)
+    config = resolve_model_config(cfg, tokenizer)
+    precision = resolve_precision(cfg.precision, info.device)
+
+    if task == "sft":
+        examples, skipped = load_sft_examples(cfg.data, tokenizer, ids, cfg.block_length)
+    else:
+        examples, skipped = load_cpt_examples(cfg.data, tokenizer, ids)
+    pad_maskable = cfg.data.pad_supervised if task == "sft" else True
+    batches = GlobalBatches(
+        examples, cfg.global_batch_size, cfg.micro_batch_size, info.rank, info.world_size,
+        cfg.seed, cfg.data.shuffle, ids.eos_id, pad_maskable,
+    )  # fmt: skip
+    accumulation = batches.accumulation_steps
+    ds_config = deepspeed_config(
+        cfg.deepspeed, cfg.optim, cfg.micro_batch_size, accumulation, info.world_size, precision
+    )
+    model = build_model(cfg, config, ds_config, info)
+    model.gradient_checkpointing = cfg.activation_checkpointing
+    engine = create_engine(model, ds_config, cfg.optim, cfg.max_steps)
+    model = engine.module
+    for moe in model.moe_layers():  # selection-only bias stays fp32 whatever the weights' dtype
+        moe.gate.expert_bias.data = moe.gate.expert_bias.data.float()
+
+    start_step = 0
+    if info.is_main:
+        remove_partials(ckpt_root)
+    resume_path = resolve_resume(cfg.resume, ckpt_root)
+    if resume_path:
+        state = load_checkpoint(engine, resume_path)
+        start_step = int(state["step"])
+        for moe, bias in zip(model.moe_layers(), state.get("expert_bias", []), strict=False):
+            moe.gate.expert_bias.copy_(torch.tensor(bias, dtype=torch.float32))
+    tracker = Tracker(
+        cfg.tracking, run_dir, OmegaConf.to_container(cfg, resolve=True), info.is_main,
+        resume_step=start_step if resume_path else None, job_type=task,
+    )  # fmt: skip
+    if info.is_main:
+        total, active = config.num_parameters()
+        print(
+            f"{task}: {len(examples)} examples ({skipped} bad records skipped), "
+            f"{total / 1e6:.2f}M params ({active / 1e6:.2f}M active), world {info.world_size}, "
+            f"accumulation {accumulation}, ZeRO-{cfg.deepspeed.stage}, {precision}, "
+            f"steps {start_step}->{cfg.max_steps}"
+            + (f", resumed from {resume_path}" if resume_path else ""),
+            flush=True,
+        )
+    prompts = smoke_prompts(tokenizer, task, examples)
+    export_dtype = {"auto": None, "float32": torch.float32, "bfloat16": torch.bfloat16}[
+        cfg.checkpoint.export_dtype
+    ]
+    moe_layers = model.moe_layers()
+    bar = tqdm(
+        total=cfg.max_steps, initial=start_step, desc=task, dynamic_ncols=True,
+        disable=not (info.is_main and cfg.progress),
+    )  # fmt: skip
+    model.train()
+    for step in range(start_step, cfg.max_steps):
+        t0 = time.perf_counter()
+        micro = []
+        for batch in batches.micro_batches(step):
+            inputs, seeds = corrupt_micro_batch(
+                batch, cfg, step, ids, config.vocab_size, info.device
+            )
+            if cfg.corruption.mtf_fraction > 0:  # multi-turn forward: repair the model's own draft
+                with torch.no_grad():
+                    draft = model_forward(
+                        engine, inputs.c.xt, inputs.x0, inputs.doc_ids, cfg.block_length
+                    )
+                inputs.c = apply_model_draft(
+                    inputs.c, inputs.x0, draft, cfg.corruption.mtf_fraction, seeds,
+                    mask_id=ids.mask_id, special_ids=ids.all_special,
+                )  # fmt: skip
+            micro.append(inputs)
+        global_count = all_reduce_sum(
+            torch.stack([m.c.supervised.sum() for m in micro]).sum().double().to(info.device)
+        )
+        stats = torch.zeros(12, dtype=torch.float64, device=info.device)
+        loads = torch.zeros(len(moe_layers), config.num_experts, device=info.device)
+        num_tokens, own_norm = 0, None
+        for inputs in micro:
+            logits = model_forward(engine, inputs.c.xt, inputs.x0, inputs.doc_ids, cfg.block_length)
+            terms = diffusion_loss(logits, inputs.x0, inputs.c, cfg.corruption.weighting)
+            loss = micro_batch_loss(terms.total_sum, global_count, info.world_size, accumulation)
+            if cfg.moe.aux_loss_coef > 0:
+                loss = loss + cfg.moe.aux_loss_coef * moe_aux_loss(model)
+            engine.backward(loss)
+            if engine.is_gradient_accumulation_boundary() and cfg.deepspeed.stage == 0:
+                # ZeRO-0 in fp32 does not record the norm; grads are already averaged here
+                own_norm = torch.nn.utils.get_total_norm(
+                    [p.grad for p in model.parameters() if p.grad is not None]
+                )
+            engine.step()
+            stats += terms.stats().to(stats.device)
+            for k, moe in enumerate(moe_layers):
+                loads[k] += moe.last_expert_load.float()
+            num_tokens += inputs.x0.numel()
+        all_reduce_sum(stats)
+        all_reduce_sum(loads)
+        if cfg.moe.bias_update_rate > 0 and moe_layers:
+            update_expert_bias(model, loads, cfg.moe.bias_update_rate)
+        elapsed = time.perf_counter() - t0
+        metrics = loss_metrics(stats)
+        grad_norm = engine.get_global_grad_norm()
+        if grad_norm is None or cfg.deepspeed.stage == 0:
+            grad_norm = own_norm
+        mean_load = loads.mean(-1, keepdim=True).clamp_min(1e-9)
+        metrics.update(
+            {
+                "lr": engine.get_lr()[0],
+                "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
+                "tokens_per_s": num_tokens * info.world_size / elapsed,
+                "step_time_s": elapsed,
+                "epoch": batches.epoch(step + 1),
+            }
+        )
+        if moe_layers:
+            metrics["moe/max_load_ratio"] = float((loads / mean_load).max(-1).values.mean())
+            metrics["moe/bias_abs_mean"] = float(
+                torch.stack([m.gate.expert_bias.abs().mean() for m in moe_layers]).mean()
+            )
+        if (step + 1) % cfg.tracking.log_every == 0 or step + 1 == cfg.max_steps:
+            tracker.log(metrics, step=step + 1)
+        bar.update(1)
+        bar.set_postfix(loss=f"{metrics['loss/total']:.3f}", acc=f"{metrics['acc/total']:.2f}")
+
+        if (step + 1) % cfg.checkpoint.save_every == 0 or step + 1 == cfg.max_steps:
+            client_state = {
+                "step": step + 1,
+                "expert_bias": [m.gate.expert_bias.tolist() for m in moe_layers],
+                "task": task,
+            }
+            path = save_checkpoint(
+                engine, ckpt_root, step + 1, client_state, info.is_main, cfg.checkpoint.keep_last,
+                cfg.checkpoint.export_hf, export_dtype, tokenizer,
+            )  # fmt: skip
+            on_checkpoint(path, step + 1, model, tokenizer, ids, cfg, info, prompts, tracker)
+        if info.is_main:
+            fault_point("kill_after_step", step + 1)
+    bar.close()
+    tracker.finish()
+    return run_dir
+
+
+def on_checkpoint(path, step, model, tokenizer, ids, cfg, info, prompts, tracker) -> None:
+    """The evaluation hook of a saved checkpoint: a short generation through the shared
+    sampler, logged as a table and written next to the checkpoint. A failure is logged and
+    never stops training."""
+    try:
+        result = smoke_generate(model, tokenizer, ids, cfg, info, prompts)
+    except Exception as e:  # noqa: BLE001 - evaluation must never kill training
+        if info.is_main:
+            print(
+                f"[checkpoint {step}] smoke generation failed: {type(e).__name__}: {e}", flush=True
+            )
+        return
+    if result is None or not info.is_main:
+        return
+    texts, stats = result
+    rows = [
+        [tokenizer.decode(p, skip_special_tokens=False), t]
+        for p, t in zip(prompts, texts, strict=False)
+    ]
+    tracker.log_table("samples", ["prompt", "completion"], rows, step)
+    with open(os.path.join(path, "smoke_generation.json"), "w") as f:
+        json.dump(
+            {"step": step, "samples": rows, "tpf": stats.tpf, "tokens_per_s": stats.tokens_per_s},
+            f,
+            indent=2,
+        )
