@@ -64,6 +64,23 @@ def resolve_resume(resume: str, ckpt_root: str) -> str | None:
     return path
 
 
+def resolve_model_dir(path: str) -> str:
+    """An HF-format model dir from a model dir, a checkpoint dir (its hf/) or a run dir (the hf/
+    of its latest complete checkpoint)."""
+    path = os.path.abspath(path)
+    if os.path.exists(os.path.join(path, "config.json")):
+        return path
+    if os.path.exists(os.path.join(path, "hf", "config.json")):
+        return os.path.join(path, "hf")
+    done = complete_checkpoints(os.path.join(path, "checkpoints"))
+    if done and os.path.exists(os.path.join(done[-1][1], "hf", "config.json")):
+        return os.path.join(done[-1][1], "hf")
+    raise ValueError(
+        f"{path}: not a model directory (config.json), a checkpoint (hf/) or a run directory "
+        "with complete checkpoints; train one first or point to an HF-format LLaDA2.x directory"
+    )
+
+
 def remove_partials(ckpt_root: str) -> None:
     """Drop saves that never completed (a crash or kill during save)."""
     if os.path.isdir(ckpt_root):

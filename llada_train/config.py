@@ -19,7 +19,7 @@ from typing import Any
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, OmegaConf
 
-from llada_train import RECIPES_DIR, REPO_ROOT
+from llada_train import CONF_DIR, RECIPES_DIR, REPO_ROOT
 
 # ${repo:relative/path} -> an absolute path inside the repository (shipped data, tokenizer).
 if not OmegaConf.has_resolver("repo"):
@@ -121,11 +121,82 @@ class TrainConfig:
     progress: bool = True  # tqdm progress bar on rank 0
 
 
-def register_configs() -> None:
-    """Register schemas and every `recipes/*.yaml` as the `recipe` group (global package)."""
+# ---------------------------------------------------------------------------- RL (EBPO)
+@dataclass
+class RLDataConfig:
+    train_files: list[str] = field(default_factory=list)  # jsonl records {prompt, answer|tests}
+    eval_files: list[str] = field(default_factory=list)  # held-out prompts for the reward curve
+    prompt_field: str = "prompt"
+    reward: str | None = None  # reward name for every record; None = each record's "reward"
+    system: str | None = None  # optional system message of the chat template
+    num_eval_prompts: int = 64
+
+
+@dataclass
+class RolloutConfig:
+    group_size: int = 8  # G completions per prompt, all on one rank
+    prompts_per_step: int = 8  # global prompts per rollout batch
+    gen_length: int = 64
+    temperature: float = 1.0
+    top_k: int | None = None
+    top_p: float | None = None
+    dual_mode_fraction: float = 0.5  # share of groups decoded M2T+T2T; the rest M2T only
+    reward_workers: int = 8
+
+
+@dataclass
+class ObjectiveConfig:
+    """The `conf` group (conf/rl/*.yaml): `python -m llada_train.rl conf=ebpo`."""
+
+    name: str = "ebpo"  # ebpo | grpo (baseline on the same sequence ratio)
+    num_levels: int = 2  # N noise levels of the block-level ELBO
+    level_weights: str = "elbo"  # elbo (w_n = 1 / (N t_n)) | elbo_length (/ response length)
+    stratified: bool = True
+    eps_low: float = 0.2
+    eps_high: float = 0.28
+    scale_std: bool = True  # group advantages divided by the group's std
+    kl_coef: float = 0.0  # k3 KL to the frozen initial model (0 = off, no reference kept)
+    updates_per_batch: int = 2  # optimizer steps per rollout batch
+
+
+@dataclass
+class RLConfig:
+    init_from: str = MISSING  # an HF-format SFT checkpoint (weights + tokenizer)
+    tokenizer: str | None = None  # None = the tokenizer inside init_from
+    data: RLDataConfig = field(default_factory=RLDataConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    conf: ObjectiveConfig = field(default_factory=ObjectiveConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    sampler: Any = None  # conf/sampler node: the base of rollout and held-out decoding
+    block_length: int = 32
+    micro_batch_size: int = 8  # sequences per forward in the ELBO passes
+    max_steps: int = 20  # rollout batches
+    eval_every: int = 5  # held-out reward every N rollout batches (and at the start and end)
+    seed: int = 0
+    precision: str = "auto"
+    activation_checkpointing: bool = False
+    output_dir: str = "runs/rl"
+    resume: str = "auto"
+    progress: bool = True
+
+
+def register_configs(entry: str = "train") -> None:
+    """Register the schemas and the recipes of an entry point.
+
+    `recipes/*.yaml` are deltas of the pre-training entry points; the RL entry point reads
+    `recipes/rl/*.yaml` instead (its schema differs) and the `conf` group from `conf/rl/`.
+    """
     cs = ConfigStore.instance()
     cs.store(name="train_schema", node=TrainConfig)
-    for path in sorted(glob.glob(os.path.join(RECIPES_DIR, "*.yaml"))):
+    cs.store(name="rl_schema", node=RLConfig)
+    recipes = os.path.join(RECIPES_DIR, "rl") if entry == "rl" else RECIPES_DIR
+    for path in sorted(glob.glob(os.path.join(recipes, "*.yaml"))):
         name = os.path.splitext(os.path.basename(path))[0]
-        node = OmegaConf.load(path)
-        cs.store(group="recipe", name=name, node=node, package="_global_")
+        cs.store(group="recipe", name=name, node=OmegaConf.load(path), package="_global_")
+    if entry == "rl":
+        for path in sorted(glob.glob(os.path.join(CONF_DIR, "rl", "*.yaml"))):
+            name = os.path.splitext(os.path.basename(path))[0]
+            cs.store(group="conf", name=name, node=OmegaConf.load(path), package="conf")

@@ -1,0 +1,25 @@
+"""`python -m llada_train.rl conf=ebpo [+recipe=tiny]`: RL post-training with EBPO.
+
+Config: conf/rl.yaml over the RLConfig schema (llada_train/config.py); the `conf` group
+(conf/rl/{ebpo,grpo}.yaml) picks the objective; `+recipe=NAME` reads recipes/rl/NAME.yaml.
+The loop is llada_train/rl/loop.py; `torchrun` runs the same loop on several processes.
+"""
+
+import hydra
+from omegaconf import DictConfig
+
+from llada_train import CONF_DIR
+from llada_train.config import register_configs
+
+register_configs("rl")
+
+
+@hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="rl")
+def main(cfg: DictConfig) -> None:
+    from llada_train.rl.loop import rl_train
+
+    rl_train(cfg)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,411 @@
+"""The EBPO loop: rollouts through the shared sampler, rewards, block-level ELBO ratio updates.
+
+Reads top to bottom, one rollout batch per step:
+    this rank's prompts of the step (a seeded order, P prompts per step, P / W per rank; all G
+    completions of a prompt stay on one rank)
+    rollouts with the shared sampler at temperature > 0 (weights gathered once under ZeRO-3); a
+    share of the groups decodes M2T+T2T ("dual mode"), the rest M2T only
+    rewards (plain functions by name; a failing reward scores 0 and is counted)
+    group-relative advantages
+    theta_old terms: one no-grad forward per noise level of [y_t ; y] gives every block's term
+    `updates_per_batch` optimizer steps on the clipped sequence-ratio objective, with the same
+    noise draws as theta_old (common random numbers), so the first ratio is exactly 1
+    log; held-out reward every `eval_every` steps; atomic checkpoint + HF export
+Randomness is a function of (seed, step, rank), so a resumed run repeats an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import time
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+from tqdm import tqdm
+
+from llada_train.checkpoint import (
+    load_checkpoint,
+    remove_partials,
+    resolve_model_dir,
+    resolve_resume,
+    save_checkpoint,
+)
+from llada_train.corruption import example_seed
+from llada_train.distributed import (
+    all_reduce_sum,
+    create_engine,
+    deepspeed_config,
+    gathered_parameters,
+    init_distributed,
+    resolve_precision,
+)
+from llada_train.generate import encode_prompt, sampler_config
+from llada_train.losses import micro_batch_loss
+from llada_train.model.config import LLaDA2MoeConfig
+from llada_train.rl.advantages import group_advantages, zero_variance_fraction
+from llada_train.rl.objectives import (
+    OBJECTIVES,
+    elbo_noise,
+    elbo_terms,
+    level_weights,
+    sequence_log_ratio,
+)
+from llada_train.rl.rewards import score_batch
+from llada_train.sampler import Sampler
+from llada_train.tokenizer import load_tokenizer, special_ids
+from llada_train.tracking import Tracker
+from llada_train.train import build_model
+
+
+# ---------------------------------------------------------------------------- data
+def load_prompts(
+    files: list[str], cfg: DictConfig, tokenizer, limit: int | None = None
+) -> list[dict]:
+    """Records with `prompt_ids` added (chat template applied); errors name file and line."""
+    from llada_train.data.pipeline import BadRecord, read_records
+
+    records = []
+    for rec, origin in read_records(list(files)):
+        prompt = rec.get(cfg.data.prompt_field) if isinstance(rec, dict) else None
+        if not isinstance(prompt, str) or not prompt.strip():
+            raise BadRecord(f"{origin}: field '{cfg.data.prompt_field}' is missing or empty")
+        reward = cfg.data.reward or rec.get("reward")
+        if reward is None:
+            raise BadRecord(f"{origin}: no 'reward' field and data.reward is not set")
+        records.append(
+            {
+                **rec,
+                "reward": reward,
+                "prompt_ids": encode_prompt(tokenizer, prompt, cfg.data.system, True),
+            }
+        )
+        if limit is not None and len(records) >= limit:
+            break
+    if not records:
+        raise ValueError(f"no RL prompts in {list(files)}")
+    return records
+
+
+def step_prompt_indices(num: int, step: int, per_step: int, seed: int) -> list[int]:
+    """Dataset indices of the global prompt batch of `step` (seeded permutation per epoch)."""
+    out = []
+    for p in range(step * per_step, (step + 1) * per_step):
+        epoch, k = divmod(p, num)
+        g = torch.Generator().manual_seed(seed * 7919 + epoch)
+        out.append(int(torch.randperm(num, generator=g)[k]))
+    return out
+
+
+# ---------------------------------------------------------------------------- rollouts
+def rollout(
+    model,
+    ids,
+    s_cfg,
+    prompts: list[list[int]],
+    group_size: int,
+    dual_groups: int,
+    seed: int,
+    device,
+):
+    """G completions per prompt; the first `dual_groups` groups decode M2T+T2T, the others M2T
+    only. Returns (completions in prompt-major order, per-completion dual flag, stats list)."""
+    completions: list[list[int] | None] = [None] * (len(prompts) * group_size)
+    dual_flags = [g < dual_groups for g in range(len(prompts)) for _ in range(group_size)]
+    stats = []
+    sampler = Sampler(model, ids.mask_id, ids.eos_id, s_cfg, device=device)
+    for dual, offset in ((True, 0), (False, 1)):
+        rows = [i for i, flag in enumerate(dual_flags) if flag == dual]
+        if not rows:
+            continue
+        batch = [prompts[i // group_size] for i in rows]
+        editing = s_cfg.editing_threshold if dual else None
+        out = sampler.generate(batch, editing_threshold=editing, seed=seed * 2 + offset)
+        for i, tokens in zip(rows, out.tokens, strict=True):
+            completions[i] = tokens
+        stats.append(out.stats)
+    return completions, dual_flags, stats
+
+
+def build_sequences(prompts, completions, eos_id: int, block_length: int, device):
+    """x0 = [prompt ; completion ; EOS padding] (B, L), L a multiple of block_length, and the
+    response mask (B, L): completion tokens (EOS included), never the prompt or the padding."""
+    lengths = [len(p) + len(c) for p, c in zip(prompts, completions, strict=True)]
+    seq_len = -(-max(lengths) // block_length) * block_length
+    x0 = torch.full((len(prompts), seq_len), eos_id, dtype=torch.long)  # (B, L)
+    response_mask = torch.zeros((len(prompts), seq_len), dtype=torch.bool)
+    for i, (p, c) in enumerate(zip(prompts, completions, strict=True)):
+        x0[i, : len(p)] = torch.tensor(p)
+        if c:
+            x0[i, len(p) : len(p) + len(c)] = torch.tensor(c)
+            response_mask[i, len(p) : len(p) + len(c)] = True
+    return x0.to(device), response_mask.to(device)
+
+
+def held_out_reward(
+    model, ids, tokenizer, s_cfg, records, info, gen_length: int, workers: int
+) -> float:
+    """Mean reward of greedy (temperature 0) decoding of the held-out prompts, all ranks."""
+    mine = records[info.rank :: info.world_size]
+    total = torch.zeros(2, dtype=torch.float64, device=info.device)
+    if mine:
+        cfg = s_cfg.replace(temperature=0.0, gen_length=gen_length)
+        out = Sampler(model, ids.mask_id, ids.eos_id, cfg, device=info.device).generate(
+            [r["prompt_ids"] for r in mine]
+        )
+        texts = [tokenizer.decode(t, skip_special_tokens=True) for t in out.tokens]
+        values, _ = score_batch([r["reward"] for r in mine], texts, mine, max_workers=workers)
+        total += torch.tensor([sum(values), len(values)], dtype=torch.float64, device=info.device)
+    all_reduce_sum(total)
+    return float(total[0] / total[1].clamp_min(1))
+
+
+# ---------------------------------------------------------------------------- the loop
+def check_rl_config(cfg: DictConfig, world_size: int) -> tuple[int, int]:
+    """(prompts per rank, accumulation steps), or a ValueError saying what to change."""
+    r = cfg.rollout
+    if r.prompts_per_step % world_size:
+        raise ValueError(
+            f"rollout.prompts_per_step={r.prompts_per_step} must be a multiple of the "
+            f"{world_size} processes"
+        )
+    per_rank = r.prompts_per_step // world_size
+    sequences = per_rank * r.group_size
+    if sequences % cfg.micro_batch_size:
+        raise ValueError(
+            f"{sequences} sequences per rank (prompts {per_rank} x group {r.group_size}) must be a "
+            f"multiple of micro_batch_size={cfg.micro_batch_size}"
+        )
+    if r.temperature <= 0:
+        raise ValueError(
+            "rollout.temperature must be > 0: a group of identical greedy answers has no signal"
+        )
+    if cfg.conf.name not in OBJECTIVES:
+        raise ValueError(f"conf.name={cfg.conf.name!r}: choose one of {sorted(OBJECTIVES)}")
+    if cfg.conf.kl_coef > 0 and cfg.deepspeed.stage == 3:
+        raise ValueError(
+            "conf.kl_coef > 0 keeps a full reference copy; not supported with ZeRO-3 yet"
+        )
+    return per_rank, sequences // cfg.micro_batch_size
+
+
+def rl_train(cfg: DictConfig) -> str:
+    cfg.init_from = resolve_model_dir(cfg.init_from)
+    info = init_distributed()
+    per_rank, accumulation = check_rl_config(cfg, info.world_size)
+    run_dir = os.path.abspath(cfg.output_dir)
+    ckpt_root = os.path.join(run_dir, "checkpoints")
+    tokenizer = load_tokenizer(cfg.tokenizer or cfg.init_from)
+    ids = special_ids(tokenizer)
+    config = LLaDA2MoeConfig.from_json(cfg.init_from)
+    train_records = load_prompts(cfg.data.train_files, cfg, tokenizer)
+    eval_records = (
+        load_prompts(cfg.data.eval_files, cfg, tokenizer, cfg.data.num_eval_prompts)
+        if cfg.data.eval_files
+        else []
+    )
+    precision = resolve_precision(cfg.precision, info.device)
+    ds_config = deepspeed_config(
+        cfg.deepspeed, cfg.optim, cfg.micro_batch_size, accumulation, info.world_size, precision
+    )
+    model = build_model(cfg, config, ds_config, info)
+    model.gradient_checkpointing = cfg.activation_checkpointing
+    reference = copy.deepcopy(model).eval().requires_grad_(False) if cfg.conf.kl_coef > 0 else None
+    updates = cfg.conf.updates_per_batch
+    engine = create_engine(model, ds_config, cfg.optim, cfg.max_steps * updates)
+    model = engine.module
+    if reference is not None:
+        reference.to(info.device)
+    base_sampler = sampler_config(cfg.sampler).replace(
+        block_length=cfg.block_length, gen_length=cfg.rollout.gen_length,
+        temperature=cfg.rollout.temperature, top_k=cfg.rollout.top_k, top_p=cfg.rollout.top_p,
+    )  # fmt: skip
+
+    start_step = 0
+    if info.is_main:
+        remove_partials(ckpt_root)
+    resume_path = resolve_resume(cfg.resume, ckpt_root)
+    if resume_path:
+        start_step = int(load_checkpoint(engine, resume_path)["step"])
+    tracker = Tracker(
+        cfg.tracking, run_dir, OmegaConf.to_container(cfg, resolve=True), info.is_main,
+        resume_step=start_step if resume_path else None, job_type="rl",
+    )  # fmt: skip
+    objective = OBJECTIVES[cfg.conf.name]
+    if info.is_main:
+        print(
+            f"rl ({cfg.conf.name}): {len(train_records)} prompts, {len(eval_records)} held out, "
+            f"{cfg.rollout.prompts_per_step} prompts x {cfg.rollout.group_size} per step, "
+            f"world {info.world_size}, ZeRO-{cfg.deepspeed.stage}, {precision}, "
+            f"steps {start_step}->{cfg.max_steps}",
+            flush=True,
+        )
+
+    def evaluate(step: int) -> None:
+        if not eval_records:
+            return
+        model.eval()
+        with gathered_parameters(model):
+            value = held_out_reward(
+                model, ids, tokenizer, base_sampler, eval_records, info, cfg.rollout.gen_length,
+                cfg.rollout.reward_workers,
+            )  # fmt: skip
+        model.train()
+        tracker.log({"eval/reward": value}, step=step)
+        if info.is_main:
+            print(f"[step {step}] held-out reward {value:.4f}", flush=True)
+
+    if start_step == 0:
+        evaluate(0)
+    bar = tqdm(total=cfg.max_steps, initial=start_step, desc="rl", dynamic_ncols=True,
+               disable=not (info.is_main and cfg.progress))  # fmt: skip
+    for step in range(start_step, cfg.max_steps):
+        t0 = time.perf_counter()
+        # ---- rollouts (this rank's prompts, all G completions of each)
+        indices = step_prompt_indices(
+            len(train_records), step, cfg.rollout.prompts_per_step, cfg.seed
+        )
+        mine = [
+            train_records[i] for i in indices[info.rank * per_rank : (info.rank + 1) * per_rank]
+        ]
+        group = cfg.rollout.group_size
+        dual_groups = round(cfg.rollout.dual_mode_fraction * per_rank)
+        model.eval()
+        with gathered_parameters(model):
+            completions, dual_flags, rollout_stats = rollout(
+                model, ids, base_sampler, [r["prompt_ids"] for r in mine], group, dual_groups,
+                example_seed(cfg.seed, step, info.rank, 0), info.device,
+            )  # fmt: skip
+        model.train()
+        t_rollout = time.perf_counter() - t0
+        examples = [mine[i // group] for i in range(len(completions))]
+        texts = [tokenizer.decode(c, skip_special_tokens=True) for c in completions]
+        rewards, reward_errors = score_batch(
+            [e["reward"] for e in examples], texts, examples, max_workers=cfg.rollout.reward_workers
+        )
+        rewards_t = torch.tensor(rewards, dtype=torch.float32).view(per_rank, group)
+        advantages = (
+            group_advantages(rewards_t, scale_std=cfg.conf.scale_std).reshape(-1).to(info.device)
+        )
+
+        # ---- theta_old terms, with the noise every update will reuse (common random numbers)
+        t1 = time.perf_counter()
+        x0, response_mask = build_sequences(
+            [e["prompt_ids"] for e in examples],
+            completions,
+            ids.eos_id,
+            cfg.block_length,
+            info.device,
+        )
+        seeds = [
+            example_seed(cfg.seed, step, info.rank * 100_003 + 1, i) for i in range(len(examples))
+        ]
+        micro = []
+        for lo in range(0, len(examples), cfg.micro_batch_size):
+            sl = slice(lo, lo + cfg.micro_batch_size)
+            levels = elbo_noise(
+                x0[sl], response_mask[sl], cfg.conf.num_levels, seeds[sl], ids.mask_id,
+                stratified=cfg.conf.stratified,
+            )  # fmt: skip
+            with torch.no_grad():
+                old = elbo_terms(model, x0[sl], levels, cfg.block_length)
+                ref = (
+                    elbo_terms(reference, x0[sl], levels, cfg.block_length)
+                    if reference is not None
+                    else None
+                )
+            t = torch.stack([lv.t for lv in levels])  # (N, b)
+            weights = level_weights(t, response_mask[sl].sum(1), cfg.conf.level_weights)
+            micro.append((sl, levels, old, ref, weights))
+        t_elbo = time.perf_counter() - t1
+
+        # ---- updates
+        t2 = time.perf_counter()
+        response_len = response_mask.sum(1)  # (B,)
+        per_token = cfg.conf.name == "grpo"  # grpo normalises by tokens, ebpo by sequences
+        local_count = float(response_len.sum()) if per_token else float(len(examples))
+        global_count = all_reduce_sum(torch.tensor(local_count, device=info.device))
+        sums = torch.zeros(
+            5, dtype=torch.float64, device=info.device
+        )  # loss, ratio, clipped, kl, n
+        for _ in range(updates):
+            for sl, levels, old, ref, weights in micro:
+                new = elbo_terms(engine, x0[sl], levels, cfg.block_length)
+                log_ratio = sequence_log_ratio(new, old, weights)
+                kl_terms = sequence_log_ratio(ref, new, weights) if ref is not None else None
+                loss_sum, count, stats = objective(
+                    log_ratio, advantages[sl], cfg.conf.eps_low, cfg.conf.eps_high,
+                    kl_terms=kl_terms, kl_coef=cfg.conf.kl_coef, response_len=response_len[sl],
+                )  # fmt: skip
+                engine.backward(
+                    micro_batch_loss(loss_sum, global_count, info.world_size, accumulation)
+                )
+                engine.step()
+                n = float(count)
+                sums += torch.tensor(
+                    [float(loss_sum.detach()), stats["ratio_mean"] * n, stats["clip_fraction"] * n,
+                     stats.get("kl", 0.0) * n, n], dtype=torch.float64, device=info.device,
+                )  # fmt: skip
+        t_update = time.perf_counter() - t2
+
+        # ---- logging (sums over ranks)
+        lengths = [len(c) for c in completions]
+        zero_var = zero_variance_fraction(rewards_t, group)
+        local = torch.tensor(
+            [sum(rewards), sum(r * r for r in rewards), len(rewards), reward_errors, sum(lengths),
+             zero_var * per_rank, per_rank,
+             sum(s.num_tokens for s in rollout_stats), sum(s.num_forwards for s in rollout_stats),
+             float(advantages.abs().mean()) * len(rewards)],
+            dtype=torch.float64, device=info.device,
+        )  # fmt: skip
+        all_reduce_sum(local)
+        all_reduce_sum(sums)
+        n = float(local[2])
+        mean_r = float(local[0]) / n
+        metrics = {
+            "reward/mean": mean_r,
+            "reward/std": max(0.0, float(local[1]) / n - mean_r**2) ** 0.5,
+            "reward/errors": float(local[3]),
+            "advantage/abs_mean": float(local[9]) / n,
+            "zero_variance_groups": float(local[5] / local[6]),
+            "response_length/mean": float(local[4]) / n,
+            "rollout/tpf": float(local[7] / local[8].clamp_min(1)),
+            "rollout/time_s": t_rollout,
+            "time/elbo_old_s": t_elbo,
+            "time/update_s": t_update,
+            "loss": float(sums[0] / sums[4]),
+            "ratio/mean": float(sums[1] / sums[4]),
+            "clip_fraction": float(sums[2] / sums[4]),
+            "kl": float(sums[3] / sums[4]),
+            "lr": engine.get_lr()[0],
+        }
+        for name in sorted({e["reward"] for e in examples}):
+            vals = [r for r, e in zip(rewards, examples, strict=True) if e["reward"] == name]
+            metrics[f"reward/{name}"] = sum(vals) / len(vals)
+        tracker.log(metrics, step=step + 1)
+        if info.is_main:
+            rows = [
+                [e["prompt"], t, r, d]
+                for e, t, r, d in list(zip(examples, texts, rewards, dual_flags, strict=True))[
+                    ::group
+                ][:4]
+            ]
+            tracker.log_table(
+                "rollouts", ["prompt", "completion", "reward", "dual_mode"], rows, step + 1
+            )
+        bar.update(1)
+        bar.set_postfix(reward=f"{mean_r:.3f}", clip=f"{metrics['clip_fraction']:.2f}")
+        if (step + 1) % cfg.eval_every == 0 or step + 1 == cfg.max_steps:
+            evaluate(step + 1)
+        if (step + 1) % cfg.checkpoint.save_every == 0 or step + 1 == cfg.max_steps:
+            path = save_checkpoint(
+                engine, ckpt_root, step + 1, {"step": step + 1}, info.is_main,
+                cfg.checkpoint.keep_last, cfg.checkpoint.export_hf, None, tokenizer,
+            )  # fmt: skip
+            if info.is_main:
+                with open(os.path.join(path, "rl_metrics.json"), "w") as f:
+                    json.dump({"step": step + 1, **metrics}, f, indent=2)
+    bar.close()
+    tracker.finish()
+    return run_dir
