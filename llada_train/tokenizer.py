@@ -179,6 +179,16 @@ def load_tokenizer(path: str | None = None) -> PreTrainedTokenizerBase:
             f"Tokenizer path {path!r} does not exist. Pass the folder of a saved HF tokenizer (or "
             "of a model), or rebuild the shipped one with `python -m llada_train.tokenizer`."
         )
+    tok_config = os.path.join(path, "tokenizer_config.json")
+    if os.path.exists(tok_config) and os.path.exists(os.path.join(path, "tokenizer.json")):
+        with open(tok_config) as f:
+            tok_class = json.load(f).get("tokenizer_class")
+        if tok_class in ("PreTrainedTokenizerFast", "TokenizersBackend"):
+            # Load the class directly: AutoTokenizer would also parse a model config.json in the
+            # same folder and warn about the (non-transformers) llada2_moe model type.
+            from transformers import PreTrainedTokenizerFast
+
+            return PreTrainedTokenizerFast.from_pretrained(path)
     return AutoTokenizer.from_pretrained(path)
 
 

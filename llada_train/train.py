@@ -214,16 +214,13 @@ def smoke_generate(
     model, tokenizer, ids: SpecialIds, cfg: DictConfig, info: DistInfo, eval_prompts
 ):
     """Decode a few prompts with the shared sampler (weights gathered once under ZeRO-3)."""
+    from llada_train.generate import sampler_config
     from llada_train.sampler import Sampler, SamplerConfig
 
     n = cfg.checkpoint.smoke_prompts
     if n <= 0 or not eval_prompts:
         return None
-    s_cfg = (
-        SamplerConfig(**OmegaConf.to_container(cfg.sampler, resolve=True))
-        if cfg.sampler
-        else SamplerConfig()
-    )
+    s_cfg = sampler_config(cfg.sampler) if cfg.sampler else SamplerConfig()
     s_cfg = s_cfg.replace(gen_length=cfg.checkpoint.smoke_gen_length, block_length=cfg.block_length)
     was_training = model.training
     model.eval()
