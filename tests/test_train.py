@@ -42,8 +42,9 @@ def run_entry(
     if nproc == 1:
         cmd = [sys.executable, "-m", f"llada_train.{entry}"]
     else:
+        port = str(29500 + os.getpid() % 1000)
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
-               "--master_port", str(29500 + os.getpid() % 1000), "-m", f"llada_train.{entry}"]  # fmt: skip
+               "--master_port", port, "-m", f"llada_train.{entry}"]  # fmt: skip
     cmd += [*SMALL, f"output_dir={out}", *overrides]
     full_env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", **(env or {})}
     proc = subprocess.run(cmd, capture_output=True, text=True, env=full_env, timeout=600)
