@@ -1,0 +1,50 @@
+"""Helpers of the shipped offline lm-eval tasks (`!function utils.NAME` in the YAMLs here).
+
+Contract:
+- `load_jsonl(data_files=...)` is the tasks' `custom_dataset`: lm-eval calls it with the YAML's
+  `dataset_kwargs` (and task metadata, ignored) and it returns a `datasets.DatasetDict` with one
+  split per entry of `data_files`. Relative paths are resolved against this folder, not the
+  working directory: `datasets.load_dataset("json", data_files=...)` would resolve them against
+  the cwd, and lm-eval 0.4.13 has no YAML-relative path substitution, while `!function` is
+  resolved next to the YAML. Nothing is downloaded or cached.
+- Scores come from the one answer checker per task shared with RL (`llada_train.rl.rewards`):
+  `process_arith_gen` -> exact_match = the math reward (final-number extraction and normalised
+  comparison); `process_code` -> pass@1 = the code reward (the last ```python block plus the
+  record's tests, run in the sandbox). A reward that fails scores 0 (rewards.score never raises).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import datasets
+
+from llada_train.rl.rewards import score
+
+TASKS_DIR = os.path.dirname(os.path.abspath(__file__))
+
+
+def load_jsonl(data_files: dict[str, str] | None = None, **_: object) -> datasets.DatasetDict:
+    """{split: path} -> DatasetDict; paths relative to this folder (see the module docstring)."""
+    if not data_files:
+        raise ValueError("load_jsonl needs dataset_kwargs: {data_files: {test: PATH}}")
+    splits = {}
+    for split, path in data_files.items():
+        path = os.path.normpath(os.path.join(TASKS_DIR, os.path.expanduser(path)))
+        if not os.path.isfile(path):
+            raise ValueError(f"task data file {path!r} (split {split!r}) does not exist")
+        with open(path, encoding="utf-8") as f:
+            rows = [json.loads(line) for line in f if line.strip()]
+        splits[split] = datasets.Dataset.from_list(rows)
+    return datasets.DatasetDict(splits)
+
+
+def process_arith_gen(doc: dict, results: list[str]) -> dict[str, float]:
+    """exact_match: 1.0 iff the completion's final number equals doc["answer"] (math reward)."""
+    return {"exact_match": score("math", results[0], {"answer": doc["answer"]}).value}
+
+
+def process_code(doc: dict, results: list[str]) -> dict[str, float]:
+    """pass@1: 1.0 iff the completion's code passes doc["tests"] in the sandbox (code reward)."""
+    return {"pass@1": score("code", results[0], doc).value}

@@ -1,0 +1,118 @@
+"""Checkpoint watcher: evaluate each new complete checkpoint of a training run as it appears.
+
+    python -m llada_train.eval watch=runs/sft poll_s=120 tasks=[llada_arith_gen] limit=100
+    python -m llada_train.eval watch=runs/sft once=true      # what is there now, then exit
+
+Contract:
+- Scans `RUN_DIR/checkpoints` (or RUN_DIR itself when it holds the step_N folders) every
+  `poll_s` seconds with `checkpoint.complete_checkpoints`, so only checkpoints that carry
+  COMPLETE.json (published by one atomic rename) are read; `.partial` saves are never touched.
+  Checkpoints are evaluated oldest first; one that already has `eval_results.json` is skipped
+  unless `overwrite`.
+- Each evaluation is `evaluate.evaluate_checkpoint`: results land in
+  `<checkpoint>/eval_results.json` and the flat metrics go to the tracker at the checkpoint's
+  step. A broken checkpoint or a failing evaluation (any Exception) is logged, recorded in
+  `<checkpoint>/eval_error.json` (best effort) and skipped for the life of this watcher; it is
+  retried by the next watcher. KeyboardInterrupt / SystemExit (SIGTERM) stop the loop.
+- The watcher only reads the run, writes its two result files inside checkpoint folders, and
+  its tracker files under its own folder: killing it (SIGTERM or SIGKILL) at any moment leaves
+  the training job and its checkpoints untouched. A result file is written by atomic rename,
+  so a kill never leaves half a JSON. If training prunes a checkpoint while it is being
+  evaluated, that evaluation fails and is skipped like any other.
+- `once=True` (or `stop` set) ends the loop after the current scan; `watch` returns one record
+  per checkpoint handled: {"step", "path", "status": "ok" | "failed", "error"?, "summary"?}.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+import traceback
+from typing import Any
+
+from omegaconf import DictConfig
+
+from llada_train.checkpoint import complete_checkpoints
+from llada_train.eval.evaluate import ERROR_FILE, RESULTS_FILE, evaluate_checkpoint, write_json
+
+logger = logging.getLogger(__name__)
+
+
+def checkpoints_root(run_dir: str) -> str:
+    """RUN_DIR/checkpoints, or RUN_DIR itself when it already is a checkpoints folder."""
+    nested = os.path.join(run_dir, "checkpoints")
+    if os.path.isdir(nested) or not complete_checkpoints(run_dir):
+        return nested
+    return run_dir
+
+
+def pending_checkpoints(
+    run_dir: str, overwrite: bool = False, skip: set[str] | None = None
+) -> list[tuple[int, str]]:
+    """[(step, path)] of complete checkpoints still to evaluate, oldest first."""
+    skip = skip or set()
+    return [
+        (step, path)
+        for step, path in complete_checkpoints(checkpoints_root(run_dir))
+        if path not in skip and (overwrite or not os.path.exists(os.path.join(path, RESULTS_FILE)))
+    ]
+
+
+def watch(
+    run_dir: str,
+    eval_cfg: DictConfig | dict | None = None,
+    *,
+    poll_s: float = 60.0,
+    once: bool = False,
+    overwrite: bool = False,
+    tracker: Any = None,
+    stop: threading.Event | None = None,
+) -> list[dict[str, Any]]:
+    """Evaluate new complete checkpoints of `run_dir` until `once` or `stop` (module doc)."""
+    stop = stop or threading.Event()
+    handled: set[str] = set()
+    records: list[dict[str, Any]] = []
+    logger.info("watching %s (every %.0f s)", checkpoints_root(run_dir), poll_s)
+    while True:
+        for step, path in pending_checkpoints(run_dir, overwrite, handled):
+            if stop.is_set():
+                break
+            handled.add(path)
+            records.append(_evaluate_one(step, path, eval_cfg, tracker))
+        if once or stop.is_set():
+            return records
+        stop.wait(poll_s)
+        if stop.is_set():
+            return records
+
+
+def _evaluate_one(step: int, path: str, eval_cfg, tracker) -> dict[str, Any]:
+    """One checkpoint; every Exception becomes a "failed" record (the loop goes on)."""
+    start = time.perf_counter()
+    try:
+        summary = evaluate_checkpoint(path, eval_cfg, step=step, tracker=tracker)
+        return {"step": step, "path": path, "status": "ok", "summary": summary}
+    except Exception as e:  # a broken checkpoint, a pruned one, an OOM, a task error, ...
+        error = f"{type(e).__name__}: {e}"
+        logger.error("eval of %s (step %d) failed, skipped: %s", path, step, error)
+        try:
+            write_json(
+                {
+                    "step": step,
+                    "error": error,
+                    "traceback": traceback.format_exc(),
+                    "wall_time_s": time.perf_counter() - start,
+                    "time": time.time(),
+                },
+                os.path.join(path, ERROR_FILE),
+            )
+        except OSError:  # e.g. the checkpoint was pruned meanwhile
+            pass
+        if tracker is not None:
+            try:
+                tracker.log({"eval/failed": 1.0}, step=step)
+            except Exception:  # tracking must not stop the watcher either
+                logger.exception("logging the failure of step %d failed", step)
+        return {"step": step, "path": path, "status": "failed", "error": error}
