@@ -121,8 +121,11 @@ def save_checkpoint(
             json.dump({"step": step, "time": time.time()}, f)
             f.flush()
             os.fsync(f.fileno())
-        if os.path.exists(final):  # re-saving a step (e.g. after a resume) replaces it whole
-            shutil.rmtree(final)
+        if os.path.exists(final):  # re-saving a step (e.g. after a resume) replaces it whole;
+            aside = final + ".old"  # renamed aside first: a watcher may be writing inside it
+            shutil.rmtree(aside, ignore_errors=True)
+            os.rename(final, aside)
+            shutil.rmtree(aside, ignore_errors=True)
         os.rename(partial, final)
         _fsync_dir(ckpt_root)
         for _, old in complete_checkpoints(ckpt_root)[:-keep_last] if keep_last > 0 else []:

@@ -92,6 +92,9 @@ class CheckpointConfig:
     export_dtype: str = "auto"  # auto (the training dtype) | float32 | bfloat16
     smoke_prompts: int = 2  # prompts decoded with the shared sampler at every save (0 = off)
     smoke_gen_length: int = 32
+    eval_every_saves: int = 0  # lm-eval of every Nth saved checkpoint, in process (0 = off;
+    # `python -m llada_train.eval watch=RUN_DIR` evaluates them from another process instead)
+    eval: Any = None  # partial EvalConfig for it, e.g. {tasks: [llada_arith_gen], limit: 100}
 
 
 @dataclass

@@ -44,6 +44,7 @@ from llada_train.data.pipeline import GlobalBatches, load_cpt_examples, load_sft
 from llada_train.distributed import (
     DistInfo,
     all_reduce_sum,
+    barrier,
     create_engine,
     deepspeed_config,
     gathered_parameters,
@@ -402,10 +403,35 @@ def train(cfg: DictConfig, task: str) -> str:
     return run_dir
 
 
+def evaluate_in_process(path, step, model, tokenizer, cfg, info, tracker) -> None:
+    """lm-eval of the checkpoint on rank 0 with the weights gathered once (a collective, so
+    every rank enters); results go next to the checkpoint and to the tracker at `step`."""
+    from llada_train.eval.evaluate import evaluate_checkpoint
+
+    was_training = model.training
+    model.eval()
+    try:
+        with gathered_parameters(model):
+            if info.is_main:
+                evaluate_checkpoint(path, cfg.checkpoint.eval, model=model, tokenizer=tokenizer,
+                                    step=step, tracker=tracker)  # fmt: skip
+            barrier()
+    finally:
+        model.train(was_training)
+
+
 def on_checkpoint(path, step, model, tokenizer, ids, cfg, info, prompts, tracker) -> None:
     """The evaluation hook of a saved checkpoint: a short generation through the shared
-    sampler, logged as a table and written next to the checkpoint. A failure is logged and
-    never stops training."""
+    sampler, logged as a table and written next to the checkpoint, and every
+    `checkpoint.eval_every_saves` saves an lm-eval run. A failure is logged and never stops
+    training."""
+    every = cfg.checkpoint.eval_every_saves
+    if every > 0 and (step // cfg.checkpoint.save_every) % every == 0:
+        try:
+            evaluate_in_process(path, step, model, tokenizer, cfg, info, tracker)
+        except Exception as e:  # noqa: BLE001 - evaluation must never kill training
+            if info.is_main:
+                print(f"[checkpoint {step}] evaluation failed: {type(e).__name__}: {e}", flush=True)
     try:
         result = smoke_generate(model, tokenizer, ids, cfg, info, prompts)
     except Exception as e:  # noqa: BLE001 - evaluation must never kill training

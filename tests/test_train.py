@@ -170,3 +170,16 @@ def test_mini_recipe_without_weights_says_what_to_pass():
         timeout=300,
     )
     assert proc.returncode != 0 and "init_from=/path/to/checkpoint_dir" in proc.stderr
+
+
+def test_in_process_evaluation_of_checkpoints(tmp_path):
+    out = tmp_path / "run"
+    run_entry(
+        "sft", out, "max_steps=2", "checkpoint.eval_every_saves=1",
+        "checkpoint.eval={tasks: [llada_arith_gen], limit: 4, tracking: {mode: disabled}}",
+    )  # fmt: skip
+    results = json.load(
+        open(os.path.join(out, "checkpoints", "step_00000002", "eval_results.json"))
+    )
+    assert results["step"] == 2 and "llada_arith_gen" in json.dumps(results)
+    assert any("eval/" in k or "llada_arith_gen" in k for m in read_metrics(out) for k in m)
