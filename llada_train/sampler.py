@@ -608,11 +608,14 @@ class Sampler:
 
     # ------------------------------------------------------------------ model calls
     def _num_layers(self) -> int:
-        config = getattr(self.model, "config", None)
-        num_layers = getattr(config, "num_hidden_layers", None)
-        if num_layers is None:
-            raise ValueError("a cache-capable model needs config.num_hidden_layers")
-        return int(num_layers)
+        for owner in (self.model, getattr(self.model, "module", None)):  # bare or wrapped
+            num_layers = getattr(getattr(owner, "config", None), "num_hidden_layers", None)
+            if num_layers is not None:
+                return int(num_layers)
+        raise ValueError(
+            "the KV cache needs model.config.num_hidden_layers; pass the bare model "
+            "(e.g. engine.module) or set use_cache=False"
+        )
 
     def _forward_block(
         self,

@@ -34,6 +34,16 @@ V, M, E = 64, 63, 62
 NEG = float("-inf")
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_cpu_thread():
+    """Tiny tensors gain nothing from threads; on a busy 2-core machine a second intra-op
+    thread waits on a descheduled one and these tests ran 20x slower. Restored afterwards."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def p_logits(token: int, p: float, alt: int = 50) -> dict[int, float]:
     """Logits giving `token` probability p (the rest to `alt`; p > 0.5 keeps `token` the argmax).
 
