@@ -123,3 +123,21 @@ def test_init_command_writes_a_loadable_model(tmp_path):
     assert os.path.exists(out / "tokenizer.json")
     assert model(torch.tensor([[1, 2, 3]])).shape == (1, 3, config["vocab_size"])
     assert not os.path.exists(tmp_path / "outputs")  # the init command leaves no Hydra clutter
+
+
+def test_generate_cli_answers_from_an_init_checkpoint(tmp_path):
+    out = tmp_path / "tiny"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    subprocess.run(
+        [sys.executable, "-m", "llada_train.model.init", "model=tiny", f"out={out}"],
+        check=True, capture_output=True, env=env, timeout=300,
+    )  # fmt: skip
+    proc = subprocess.run(
+        [sys.executable, "-m", "llada_train.generate", f"model_dir={out}", "prompt=What is 2 + 3?",
+         "sampler=speed", "sampler.gen_length=32", "stream=false"],
+        cwd=tmp_path, capture_output=True, text=True, env=env, timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert ">>> What is 2 + 3?" in proc.stdout
+    assert "forwards, TPF" in proc.stderr  # the statistics line
+    assert os.listdir(tmp_path) == ["tiny"]  # no log files left in the working directory
