@@ -127,6 +127,12 @@ def test_hf_export_reloads_with_identical_logits(reference_run):
     with torch.no_grad():
         assert torch.equal(exported(ids), trained(ids))
     assert os.path.exists(os.path.join(ckpt, "hf", "tokenizer.json"))
+    proc = subprocess.run(
+        [sys.executable, "-m", "llada_train.generate", f"model_dir={ckpt}/hf", "stream=false",
+         "prompt=What is 1 + 2?", "sampler.gen_length=32"],
+        capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )  # fmt: skip
+    assert proc.returncode == 0 and ">>> What is 1 + 2?" in proc.stdout, proc.stderr[-2000:]
 
 
 def test_cpt_runs_with_packed_documents(tmp_path):
