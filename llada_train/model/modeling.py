@@ -216,9 +216,12 @@ def grouped_mm(x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor) -> torch
     )
     slot = torch.arange(x.shape[0], device=x.device) - starts[group_of_row]
     cap = int(counts.max()) if x.shape[0] else 0
-    buf = x.new_zeros(num_groups, cap, x.shape[1])
-    buf[group_of_row, slot] = x
-    return torch.bmm(buf, w)[group_of_row, slot]
+    dest = group_of_row * cap + slot  # row of x -> its slot in the flattened (E * cap) buffer
+    # index_copy / index_select: their backward passes are index_select / index_add, much
+    # cheaper on CPU than the accumulating index_put of advanced-index assignment
+    buf = x.new_zeros(num_groups * cap, x.shape[1]).index_copy(0, dest, x)
+    out = torch.bmm(buf.view(num_groups, cap, x.shape[1]), w)
+    return out.view(num_groups * cap, w.shape[2]).index_select(0, dest)
 
 
 def _use_torch_grouped_mm(x: torch.Tensor, w: torch.Tensor) -> bool:
@@ -292,8 +295,10 @@ class SparseMoE(nn.Module):
         load = torch.bincount(expert_of, minlength=self.num_experts)  # (E,)
         offsets = torch.cumsum(load, 0)
         token_of = order // self.top_k
-        y_sorted = self.experts(flat[token_of], offsets)  # (T*K, H)
-        w_sorted = topk_w.reshape(-1)[order].to(y_sorted.dtype)
+        # index_select rather than advanced indexing: its backward is an index_add, not the
+        # much slower accumulating index_put
+        y_sorted = self.experts(flat.index_select(0, token_of), offsets)  # (T*K, H)
+        w_sorted = topk_w.reshape(-1).index_select(0, order).to(y_sorted.dtype)
         y = torch.zeros_like(flat).index_add_(0, token_of, y_sorted * w_sorted[:, None])
         self.last_expert_load = load.detach()
         self.last_routing = (scores, topk_idx) if self.training else None
