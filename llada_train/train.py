@@ -61,6 +61,7 @@ from llada_train.losses import (
 )
 from llada_train.masks import training_inputs
 from llada_train.model.config import LLaDA2MoeConfig
+from llada_train.model.init import model_config_from_node
 from llada_train.model.io import load_official_weights
 from llada_train.model.modeling import LLaDA2MoeModelLM
 from llada_train.tokenizer import SpecialIds, load_tokenizer, special_ids
@@ -81,15 +82,7 @@ def resolve_model_config(cfg: DictConfig, tokenizer) -> LLaDA2MoeConfig:
     """The model config: init_from's config.json, else the `model` node (+ tokenizer ids)."""
     if cfg.init_from:
         return LLaDA2MoeConfig.from_json(cfg.init_from)
-    d = OmegaConf.to_container(cfg.model, resolve=True)
-    if tokenizer is not None:
-        ids = special_ids(tokenizer)
-        if len(tokenizer) > d["vocab_size"]:
-            raise ValueError(
-                f"model.vocab_size={d['vocab_size']} < tokenizer size {len(tokenizer)}: raise it"
-            )
-        d.update(eos_token_id=ids.eos_id, pad_token_id=ids.pad_id, mask_token_id=ids.mask_id)
-    return LLaDA2MoeConfig.from_dict(d, strict=True)
+    return model_config_from_node(cfg.model, tokenizer)
 
 
 def resolve_tokenizer(cfg: DictConfig):

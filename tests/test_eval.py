@@ -36,11 +36,11 @@ from llada_train.eval.evaluate import (
 from llada_train.eval.lm import LLaDALM, cut_at_stop, draw_masks
 from llada_train.eval.watch import watch
 from llada_train.masks import block_causal_mask
-from llada_train.model.config import LLaDA2MoeConfig
 from llada_train.model.io import save_pretrained
 from llada_train.model.modeling import LLaDA2MoeModelLM
 from llada_train.sampler import SamplerConfig
 from llada_train.tokenizer import load_tokenizer, special_ids
+from tests.conftest import tiny_config
 
 OFFLINE_TASKS = ["llada_arith_gen", "llada_arith_mc", "llada_code"]
 SUBPROCESS_ENV = {
@@ -81,20 +81,8 @@ def tiny_model(tokenizer, initializer_range: float = 0.02, seed: int = 0) -> LLa
     """Every architectural feature (dense layer 0, grouped MoE + shared expert, GQA, partial
     RoPE) at a width that runs in milliseconds, over the shipped tokenizer's vocabulary."""
     ids = special_ids(tokenizer)
-    config = LLaDA2MoeConfig(
+    config = tiny_config(
         vocab_size=len(tokenizer),
-        hidden_size=32,
-        intermediate_size=64,
-        moe_intermediate_size=16,
-        num_hidden_layers=3,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=8,
-        num_experts=8,
-        num_experts_per_tok=2,
-        n_group=4,
-        topk_group=2,
-        torch_dtype="float32",
         initializer_range=initializer_range,
         eos_token_id=ids.eos_id,
         pad_token_id=ids.pad_id,

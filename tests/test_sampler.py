@@ -21,7 +21,6 @@ from omegaconf import OmegaConf
 from omegaconf.errors import ConfigKeyError
 
 from llada_train import CONF_DIR
-from llada_train.model.config import LLaDA2MoeConfig
 from llada_train.model.modeling import LLaDA2MoeModelLM
 from llada_train.sampler import (
     PRESETS,
@@ -29,6 +28,7 @@ from llada_train.sampler import (
     SamplerConfig,
     sample_candidates,
 )
+from tests.conftest import tiny_config
 
 V, M, E = 64, 63, 62
 NEG = float("-inf")
@@ -321,20 +321,7 @@ PROMPT_LENGTHS = (0, 3, 8, 13, 21)  # an empty prompt too
 @pytest.fixture(scope="module")
 def tiny_model() -> LLaDA2MoeModelLM:
     torch.manual_seed(0)
-    config = LLaDA2MoeConfig(
-        vocab_size=V,
-        hidden_size=32,
-        intermediate_size=64,
-        moe_intermediate_size=16,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=8,
-        num_experts=8,
-        num_experts_per_tok=2,
-        n_group=4,
-        topk_group=2,
-    )
+    config = tiny_config(vocab_size=V, num_hidden_layers=2)
     model = LLaDA2MoeModelLM(config).eval()
     with torch.no_grad():  # sharper predictions: several tokens per forward, real T2T traffic
         model.lm_head.weight.mul_(30.0)
