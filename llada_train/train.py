@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import os
+import resource
 import time
 from dataclasses import dataclass
 
@@ -368,6 +369,12 @@ def train(cfg: DictConfig, task: str) -> str:
                 "epoch": batches.epoch(step + 1),
             }
         )
+        peak = torch.tensor(
+            [resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20], device=info.device
+        )  # GiB (ru_maxrss is in KiB on Linux)
+        metrics["memory/peak_rss_gib_rank0"] = float(peak)
+        if info.device.type == "cuda":
+            metrics["memory/peak_gpu_gib_rank0"] = torch.cuda.max_memory_allocated() / 2**30
         if moe_layers:
             metrics["moe/max_load_ratio"] = float((loads / mean_load).max(-1).values.mean())
             metrics["moe/bias_abs_mean"] = float(
