@@ -17,7 +17,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from llada_train import CONF_DIR
-from llada_train.model.io import from_pretrained
+from llada_train.model.io import from_pretrained, resolve_dtype
 from llada_train.sampler import Sampler, SamplerConfig
 from llada_train.tokenizer import load_tokenizer, special_ids
 
@@ -41,9 +41,7 @@ def generate(cfg: DictConfig) -> list[str]:
     device = torch.device(
         ("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device
     )
-    dtype = {"auto": torch.bfloat16 if device.type == "cuda" else torch.float32,
-             "float32": torch.float32, "bfloat16": torch.bfloat16}[cfg.dtype]  # fmt: skip
-    model = from_pretrained(cfg.model_dir, device=device, dtype=dtype)
+    model = from_pretrained(cfg.model_dir, device=device, dtype=resolve_dtype(cfg.dtype, device))
     tokenizer = load_tokenizer(cfg.tokenizer or cfg.model_dir)
     ids = special_ids(tokenizer)
     texts = list(cfg.prompts) or [cfg.prompt]

@@ -26,7 +26,6 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
-from llada_train import DEFAULT_TOKENIZER_DIR
 from llada_train.checkpoint import (
     fault_point,
     load_checkpoint,
@@ -63,6 +62,7 @@ from llada_train.losses import (
 from llada_train.masks import training_inputs
 from llada_train.model.config import LLaDA2MoeConfig
 from llada_train.model.init import model_config_from_node
+from llada_train.model.init import resolve_tokenizer as resolve_tokenizer_spec
 from llada_train.model.io import load_official_weights
 from llada_train.model.modeling import LLaDA2MoeModelLM
 from llada_train.tokenizer import SpecialIds, load_tokenizer, special_ids
@@ -94,7 +94,7 @@ def resolve_tokenizer(cfg: DictConfig):
                 return None
             raise ValueError("tokenizer=null needs init_from=DIR holding the tokenizer files")
         return load_tokenizer(cfg.init_from)
-    return load_tokenizer(DEFAULT_TOKENIZER_DIR if spec == "default" else spec)
+    return resolve_tokenizer_spec(spec)
 
 
 def build_model(cfg: DictConfig, config: LLaDA2MoeConfig, ds_config: dict, info: DistInfo):

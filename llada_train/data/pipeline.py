@@ -233,6 +233,12 @@ def collate(
     return Batch(x0, maskable, doc_ids, example_index)
 
 
+def epoch_order(num: int, seed: int, epoch: int) -> list[int]:
+    """The seeded permutation of `num` records for one epoch (identical on every rank)."""
+    g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    return torch.randperm(num, generator=g).tolist()
+
+
 class GlobalBatches:
     """Deterministic global batches; `micro_batches(step)` gives this rank's share of a step."""
 
@@ -265,11 +271,8 @@ class GlobalBatches:
     def _order(self, epoch: int) -> list[int]:
         if epoch not in self._orders:
             n = len(self.examples)
-            if self.shuffle:
-                g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
-                self._orders = {epoch: torch.randperm(n, generator=g).tolist()}
-            else:
-                self._orders = {epoch: list(range(n))}
+            order = epoch_order(n, self.seed, epoch) if self.shuffle else list(range(n))
+            self._orders = {epoch: order}
         return self._orders[epoch]
 
     def example_ids(self, step: int) -> list[int]:

@@ -88,7 +88,6 @@ logger = logging.getLogger(__name__)
 
 # Sampler knobs accepted as model_args (gen_length is the request's max_gen_toks instead).
 SAMPLER_KNOBS = tuple(f.name for f in dataclasses.fields(SamplerConfig) if f.name != "gen_length")
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 DEFAULT_MAX_LENGTH = 4096  # context cap when the config allows more: the 2L layout is quadratic
 LOGITS_BUDGET = 1 << 27  # fp32 logit entries per ELBO forward (512 MiB; log_softmax doubles it)
 _GEN_KEYS = {"until", "max_gen_toks", "do_sample", "temperature", "top_p", "top_k"}
@@ -179,14 +178,10 @@ class LLaDALM(LM):
         if (pretrained is None) == (model is None):
             raise ValueError("give exactly one of pretrained=DIR (a model directory) or model=")
         if model is None:
-            from llada_train.model.io import from_pretrained  # heavy: only when loading
+            from llada_train.model.io import from_pretrained, resolve_dtype  # heavy: on load
 
             dev = _resolve_device(device)
-            if dtype == "auto":
-                dtype = "bfloat16" if dev.type == "cuda" else "float32"
-            if dtype not in _DTYPES:
-                raise ValueError(f"dtype={dtype!r}: choose auto or one of {sorted(_DTYPES)}")
-            model = from_pretrained(pretrained, device=dev, dtype=_DTYPES[dtype])
+            model = from_pretrained(pretrained, device=dev, dtype=resolve_dtype(dtype, dev))
             tokenizer = tokenizer or pretrained
         elif tokenizer is None:
             raise ValueError("an in-memory model needs its tokenizer (tokenizer=...)")

@@ -243,6 +243,18 @@ def load_official_weights(model: LLaDA2MoeModelLM, model_dir: str) -> None:
                     stacked[e, :, cols].copy_(src.T)
 
 
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    """'auto' -> bf16 on CUDA, fp32 elsewhere; else a name of DTYPES (ValueError otherwise)."""
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    if name not in DTYPES:
+        raise ValueError(f"dtype={name!r}: choose auto or one of {sorted(DTYPES)}")
+    return DTYPES[name]
+
+
 def from_pretrained(
     model_dir: str | os.PathLike,
     device: str | torch.device = "cpu",

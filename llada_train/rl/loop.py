@@ -33,6 +33,7 @@ from llada_train.checkpoint import (
     save_checkpoint,
 )
 from llada_train.corruption import example_seed
+from llada_train.data.pipeline import epoch_order
 from llada_train.distributed import (
     all_reduce_sum,
     create_engine,
@@ -90,11 +91,13 @@ def load_prompts(
 
 def step_prompt_indices(num: int, step: int, per_step: int, seed: int) -> list[int]:
     """Dataset indices of the global prompt batch of `step` (seeded permutation per epoch)."""
+    orders: dict[int, list[int]] = {}
     out = []
     for p in range(step * per_step, (step + 1) * per_step):
         epoch, k = divmod(p, num)
-        g = torch.Generator().manual_seed(seed * 7919 + epoch)
-        out.append(int(torch.randperm(num, generator=g)[k]))
+        if epoch not in orders:
+            orders[epoch] = epoch_order(num, seed, epoch)
+        out.append(orders[epoch][k])
     return out
 
 
