@@ -189,16 +189,26 @@ class RLConfig:
 def register_configs(entry: str = "train") -> None:
     """Register the schemas and the recipes of an entry point.
 
-    `recipes/*.yaml` are deltas of the pre-training entry points; the RL entry point reads
-    `recipes/rl/*.yaml` instead (its schema differs) and the `conf` group from `conf/rl/`.
+    `recipes/*.yaml` are deltas of the pre-training entry points (sft, cpt); `recipes/<entry>/`
+    holds entry-specific recipes: for `cpt`, a file there is merged over the shared recipe of the
+    same name (CPT windows are longer than SFT chats, so the tiny CPT run takes smaller batches);
+    the RL entry point reads `recipes/rl/*.yaml` only (its schema differs) and the `conf` group
+    from `conf/rl/`.
     """
     cs = ConfigStore.instance()
     cs.store(name="train_schema", node=TrainConfig)
     cs.store(name="rl_schema", node=RLConfig)
-    recipes = os.path.join(RECIPES_DIR, "rl") if entry == "rl" else RECIPES_DIR
-    for path in sorted(glob.glob(os.path.join(recipes, "*.yaml"))):
-        name = os.path.splitext(os.path.basename(path))[0]
-        cs.store(group="recipe", name=name, node=OmegaConf.load(path), package="_global_")
+    nodes = {}
+    folders = [os.path.join(RECIPES_DIR, entry)] if entry == "rl" else [RECIPES_DIR]
+    if entry not in ("rl", "train"):
+        folders.append(os.path.join(RECIPES_DIR, entry))
+    for folder in folders:
+        for path in sorted(glob.glob(os.path.join(folder, "*.yaml"))):
+            name = os.path.splitext(os.path.basename(path))[0]
+            node = OmegaConf.load(path)
+            nodes[name] = OmegaConf.merge(nodes[name], node) if name in nodes else node
+    for name, node in nodes.items():
+        cs.store(group="recipe", name=name, node=node, package="_global_")
     if entry == "rl":
         for path in sorted(glob.glob(os.path.join(CONF_DIR, "rl", "*.yaml"))):
             name = os.path.splitext(os.path.basename(path))[0]

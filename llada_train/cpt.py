@@ -15,7 +15,7 @@ from llada_train import CONF_DIR
 from llada_train.config import register_configs
 from llada_train.train import train
 
-register_configs()
+register_configs("cpt")
 
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="cpt")

@@ -8,7 +8,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 RUNS=${RUNS:-runs/demo}
-EVAL_LIMIT=${EVAL_LIMIT:-100}
+EVAL_LIMIT=${EVAL_LIMIT:-200}
 export DS_ACCELERATOR=${DS_ACCELERATOR:-cpu} WANDB_MODE=${WANDB_MODE:-offline}
 latest() { python -c "from llada_train.checkpoint import resolve_model_dir as r; print(r('$1'))"; }
 

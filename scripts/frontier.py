@@ -7,7 +7,7 @@ shared sampler over a sweep of mask thresholds, with T2T editing on (editing thr
 Speed mode's) and off, and records exact-match accuracy and tokens per forward (TPF). Writes
 `<out>/frontier.json`, `<out>/frontier.md` (the table) and `<out>/frontier.png` (the plot).
 
-    python scripts/frontier.py --steps 600 --out results/frontier        # ~15 min on 2 cores
+    python scripts/frontier.py --out results/frontier                    # ~20 min on 2 cores
     python scripts/frontier.py --skip-training --out results/frontier    # re-sweep existing runs
 
 Seeds: training seed 0 (corruption, data order, init), decoding temperature 0 (deterministic).
@@ -33,11 +33,11 @@ VARIANTS = {"mask_only": "corruption=mask_only", "mask_noise": "corruption=sft"}
 THRESHOLDS = [0.95, 0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3]
 
 
-def train(out: str, steps: int, extra: list[str]) -> None:
+def train(out: str, steps: int | None, extra: list[str]) -> None:
     for name, corruption in VARIANTS.items():
         cmd = [sys.executable, "-m", "llada_train.sft", "+recipe=tiny", corruption,
-               f"max_steps={steps}", f"output_dir={out}/{name}", "tracking=disabled",
-               "checkpoint.smoke_prompts=0", *extra]  # fmt: skip
+               f"output_dir={out}/{name}", "tracking=disabled", "checkpoint.smoke_prompts=0",
+               *([f"max_steps={steps}"] if steps else []), *extra]  # fmt: skip
         print("+", " ".join(cmd), flush=True)
         subprocess.run(cmd, check=True)
 
@@ -105,7 +105,7 @@ def write_report(rows: list[dict], out: str) -> None:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--out", default="results/frontier")
-    p.add_argument("--steps", type=int, default=600)
+    p.add_argument("--steps", type=int, default=None, help="SFT steps (default: the recipe's)")
     p.add_argument("--limit", type=int, default=200, help="held-out questions")
     p.add_argument("--gen-length", type=int, default=32)
     p.add_argument("--skip-training", action="store_true")

@@ -189,3 +189,19 @@ def test_in_process_evaluation_of_checkpoints(tmp_path):
     )
     assert results["step"] == 2 and "llada_arith_gen" in json.dumps(results)
     assert any("eval/" in k or "llada_arith_gen" in k for m in read_metrics(out) for k in m)
+
+
+@pytest.mark.parametrize(("entry", "micro", "steps"), [("sft", 32, 1000), ("cpt", 16, 100)])
+def test_cpt_recipe_is_merged_over_the_shared_one(entry, micro, steps):
+    """recipes/cpt/tiny.yaml overrides the batch and step counts of recipes/tiny.yaml for the
+    cpt entry only; everything else (model, block length, lr) comes from the shared recipe."""
+    from hydra import compose, initialize_config_dir
+
+    import llada_train
+    from llada_train.config import register_configs
+
+    register_configs(entry)
+    with initialize_config_dir(config_dir=llada_train.CONF_DIR, version_base="1.3"):
+        cfg = compose(entry, overrides=["+recipe=tiny"])
+    assert (cfg.micro_batch_size, cfg.max_steps) == (micro, steps)
+    assert cfg.block_length == 32 and cfg.optim.lr == 3.0e-3 and cfg.model.hidden_size == 256

@@ -2,12 +2,11 @@
 
 Contract:
 - `generate_all(out_dir, eval_dir, seed)` writes, in a second or two:
-    out_dir/cpt.jsonl            {"text"}: arithmetic facts, worked sums, word stories, simple
-                                 sentences, tiny Python functions
-    out_dir/sft_train.jsonl      {"messages"}: user/assistant chats (some with a system message):
-    out_dir/sft_eval.jsonl         direct answers ("579"), column-method reasoning and word
-                                   problems ending with "#### 579", a few code chats
-    out_dir/rl_math_train.jsonl  {"prompt", "answer", "reward": "math"}: word problems
+    out_dir/cpt.jsonl            {"text"}: addition facts, worked sums (column method), word
+                                 stories, simple sentences, tiny Python functions
+    out_dir/sft_train.jsonl      {"messages"}: one user question, one direct answer ("134"), in
+    out_dir/sft_eval.jsonl         three phrasings ("What is 45 + 89?", "Compute ...", "... = ?")
+    out_dir/rl_math_train.jsonl  {"prompt", "answer", "reward": "math"}: the same questions
     out_dir/rl_math_eval.jsonl
     out_dir/rl_code_train.jsonl  {"prompt", "entry_point", "tests", "reward": "code"}
     eval_dir/arith_gen.jsonl     {"question", "answer"}: exact-match generation
@@ -20,9 +19,13 @@ Contract:
   (`is_heldout_problem`, `is_heldout_code_task`), and training files draw only from the other
   split. Commutative problems are keyed in canonical order, so "456 + 123" never leaks "123 + 456".
   The working steps of the column method only ever contain digit-sized operands, outside the
-  problem ranges, so they can never state a held-out problem either.
-- Problems are kept small and regular so a tiny model learns them on a CPU (SPEC section 3 quotes
-  3-digit addition): a + b and a - b with 3-digit a, b (a >= b); a * b with 2-digit a, 1-digit b.
+  problem range, so they can never state a held-out problem either.
+- Problems are 2-digit additions, a + b with 10 <= a, b <= 99, and the chats answer them directly.
+  SPEC section 3 quotes 3-digit addition; a 6.5M-parameter tiny model on 2 CPU cores does not
+  learn 3-digit (or mixed +, -, *) arithmetic in the minutes a demo has (measured: 0/400 held-out
+  after CPT 300 + SFT 1,500 steps), while 2-digit direct addition reaches a clearly non-zero
+  held-out accuracy in ~1,500 SFT steps. The problem table (`OPERAND_RANGES`) is one place to
+  widen for bigger models.
 - `code_tasks()` holds every code task with its reference solution (the files do not carry it).
 
 CLI: `python -m llada_train.data.generate [--out data/shipped] [--eval-out eval/data] [--seed 0]`.
@@ -49,12 +52,12 @@ NUM_CPT_WORKED_DOCS = 500
 NUM_CPT_STORY_DOCS = 1000
 NUM_CPT_SENTENCE_DOCS = 1000
 CPT_CODE_REPEATS = 2  # every training code task appears this many times in the CPT corpus
-NUM_SFT_TRAIN = 5000
-NUM_SFT_EVAL = 300
+NUM_SFT_TRAIN = 8000
+NUM_SFT_EVAL = 200  # held-out files draw unique problems from the ~410 held-out ones
 NUM_RL_MATH_TRAIN = 2000
-NUM_RL_MATH_EVAL = 300
-NUM_ARITH_GEN = 400
-NUM_ARITH_MC = 300
+NUM_RL_MATH_EVAL = 200
+NUM_ARITH_GEN = 200
+NUM_ARITH_MC = 200
 
 HELDOUT_PERCENT_PROBLEMS = 10
 HELDOUT_PERCENT_CODE = 20
@@ -63,16 +66,13 @@ HELDOUT_PERCENT_CODE = 20
 # Arithmetic problems
 # ---------------------------------------------------------------------------------------------
 
-OP_WEIGHTS = {"+": 0.6, "-": 0.3, "*": 0.1}  # mul has only 720 problems: keep its share small
-OPERAND_RANGES = {  # inclusive (a range, b range)
-    "+": ((100, 999), (100, 999)),
-    "-": ((100, 999), (100, 999)),  # drawn with a >= b, so the result is never negative
-    "*": ((10, 99), (2, 9)),
-}
+OPERAND_RANGES = {"+": ((10, 99), (10, 99))}  # op -> inclusive (a range, b range)
 
 
 def solve(op: str, a: int, b: int) -> int:
-    return {"+": a + b, "-": a - b, "*": a * b}[op]
+    if op != "+":
+        raise ValueError(f"unsupported operation {op!r}")
+    return a + b
 
 
 def problem_key(op: str, a: int, b: int) -> tuple[str, int, int]:
@@ -94,16 +94,12 @@ def is_heldout_problem(op: str, a: int, b: int) -> bool:
     )
 
 
-def sample_problem(
-    rng: random.Random, heldout: bool, ops: dict[str, float] = OP_WEIGHTS
-) -> tuple[str, int, int]:
+def sample_problem(rng: random.Random, heldout: bool) -> tuple[str, int, int]:
     """(op, a, b) from the requested split, by rejection."""
-    op = rng.choices(list(ops), weights=list(ops.values()))[0]
+    op = rng.choice(sorted(OPERAND_RANGES))
     (a_lo, a_hi), (b_lo, b_hi) = OPERAND_RANGES[op]
     while True:
         a, b = rng.randint(a_lo, a_hi), rng.randint(b_lo, b_hi)
-        if op == "-" and a < b:
-            a, b = b, a
         if is_heldout_problem(op, a, b) == heldout:
             return op, a, b
 
@@ -124,36 +120,16 @@ def sample_unique_problems(
 
 
 def column_steps(op: str, a: int, b: int) -> list[str]:
-    """Working of the column method, one line per digit. Operands are single digits (plus a
-    borrowed ten), so no step states a 3-digit problem."""
-    steps = []
-    if op == "*":
-        carry = 0
-        digits = [int(d) for d in reversed(str(a))]
-        for i, (name, d) in enumerate(zip(("ones", "tens"), digits, strict=True)):
-            value = d * b + carry
-            if i == len(digits) - 1:
-                steps.append(f"{name}: {d} * {b} + {carry} = {value}, write {value}")
-            else:
-                steps.append(
-                    f"{name}: {d} * {b} + {carry} = {value}, write {value % 10} carry {value // 10}"
-                )
-                carry = value // 10
-        return steps
+    """Working of the column method, one line per digit (ones, tens, hundreds). Operands are
+    single digits plus a carry, so no step states a 2-digit problem."""
+    if op != "+":
+        raise ValueError(f"unsupported operation {op!r}")
     da, db = str(a).zfill(3)[::-1], str(b).zfill(3)[::-1]
-    carry = 0
+    steps, carry = [], 0
     for name, x, y in zip(("ones", "tens", "hundreds"), map(int, da), map(int, db), strict=True):
-        if op == "+":
-            value = x + y + carry
-            steps.append(f"{name}: {x} + {y} + {carry} = {value}, carry {value // 10}")
-            carry = value // 10
-        else:
-            borrow_out = int(x - y - carry < 0)
-            value = x + 10 * borrow_out - y - carry
-            steps.append(
-                f"{name}: {x + 10 * borrow_out} - {y} - {carry} = {value}, borrow {borrow_out}"
-            )
-            carry = borrow_out
+        value = x + y + carry
+        steps.append(f"{name}: {x} + {y} + {carry} = {value}, carry {value // 10}")
+        carry = value // 10
     return steps
 
 
@@ -162,9 +138,7 @@ def worked_solution(op: str, a: int, b: int) -> str:
     return "\n".join([*column_steps(op, a, b), f"So {a} {op} {b} = {c}.", f"#### {c}"])
 
 
-# Word problems. Each contains exactly the two operands as numbers. Keywords the tests rely on to
-# recover the operation: multiplication templates say "each", subtraction ones say "left", the
-# addition ones say neither.
+# Word problems (CPT stories). Each contains exactly the two operands as numbers.
 NAMES = {
     "Tom": "he",
     "Anna": "she",
@@ -197,20 +171,7 @@ WORD_TEMPLATES = {
         "{name} collected {a} {item} on Monday and {b} {item} on Tuesday. How many {item} did "
         "{name} collect in total?",
     ],
-    "-": [
-        "{name} had {a} {item} and gave {b} of them away. How many {item} are left?",
-        "A shop had {a} {item} and sold {b} of them. How many {item} does the shop have left?",
-        "A box held {a} {item}. {name} took {b} {item} out. How many {item} are left in the box?",
-    ],
-    "*": [
-        "There are {a} bags with {b} {item} in each bag. How many {item} are there in total?",
-        "{name} buys {a} packs of {item}, and each pack has {b} {item}. How many {item} does "
-        "{name} buy?",
-        "A classroom has {a} desks, and each desk has {b} {item} on it. How many {item} are on "
-        "the desks?",
-    ],
 }
-WORD_VERBS = {"+": "add", "-": "subtract", "*": "multiply"}
 
 
 def word_problem(rng: random.Random, op: str, a: int, b: int) -> str:
@@ -219,11 +180,6 @@ def word_problem(rng: random.Random, op: str, a: int, b: int) -> str:
     template = rng.choice(WORD_TEMPLATES[op])
     item = rng.choice(ITEMS)
     return template.format(name=name, Pron=pron.capitalize(), item=item, a=a, b=b)
-
-
-def word_solution(op: str, a: int, b: int) -> str:
-    c = solve(op, a, b)
-    return f"We {WORD_VERBS[op]}: {a} {op} {b} = {c}.\n#### {c}"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -414,21 +370,11 @@ def reference_solutions() -> dict[str, str]:
     return {task.entry_point: task.solution for task in code_tasks()}
 
 
-def code_answer(task: CodeTask) -> str:
-    return f"```python\n{task.solution}```"
-
-
 # ---------------------------------------------------------------------------------------------
 # Files
 # ---------------------------------------------------------------------------------------------
 
-SYSTEM_PROMPTS = [
-    "You are a helpful assistant.",
-    "You are a careful math tutor.",
-    "You are a concise assistant.",
-]
 DIRECT_TEMPLATES = ["What is {a} {op} {b}?", "Compute {a} {op} {b}.", "{a} {op} {b} = ?"]
-WORKED_TEMPLATES = ["Solve step by step: {a} {op} {b}", "What is {a} {op} {b}? Show your work."]
 SENTENCE_TEMPLATES = [
     "{name} likes {color} {item}.",
     "The {animal} is {adj}.",
@@ -479,44 +425,33 @@ def make_cpt(rng: random.Random, train_code: list[CodeTask]) -> list[dict]:
     return [{"text": doc} for doc in docs]
 
 
-def _arith_chat(rng: random.Random, op: str, a: int, b: int) -> list[dict]:
-    kind = rng.choices(["direct", "worked", "word"], weights=[0.45, 0.3, 0.25])[0]
-    if kind == "direct":
-        question = rng.choice(DIRECT_TEMPLATES).format(a=a, op=op, b=b)
-        answer = str(solve(op, a, b))
-    elif kind == "worked":
-        question = rng.choice(WORKED_TEMPLATES).format(a=a, op=op, b=b)
-        answer = worked_solution(op, a, b)
-    else:
-        question, answer = word_problem(rng, op, a, b), word_solution(op, a, b)
-    return [{"role": "user", "content": question}, {"role": "assistant", "content": answer}]
+def _question(rng: random.Random, op: str, a: int, b: int) -> str:
+    return rng.choice(DIRECT_TEMPLATES).format(a=a, op=op, b=b)
 
 
-def make_sft(rng: random.Random, num: int, heldout: bool, tasks: list[CodeTask]) -> list[dict]:
-    """Arithmetic chats (unique problems for the held-out split) and ~5% code chats."""
-    num_code = min(num // 20, len(tasks))
+def make_sft(rng: random.Random, num: int, heldout: bool) -> list[dict]:
+    """Direct-answer chats; unique problems for the held-out split. Chats stay under one 32-token
+    block (prompt, answer and EOS), which keeps tiny SFT steps cheap."""
     problems = (
-        sample_unique_problems(rng, heldout=True, count=num - num_code)
+        sample_unique_problems(rng, heldout=True, count=num)
         if heldout
-        else [sample_problem(rng, heldout=False) for _ in range(num - num_code)]
+        else [sample_problem(rng, heldout=False) for _ in range(num)]
     )
-    chats = [_arith_chat(rng, *problem) for problem in problems]
-    for task in rng.sample(tasks, num_code):
-        answer = code_answer(task)
-        chats.append(
-            [{"role": "user", "content": task.prompt}, {"role": "assistant", "content": answer}]
-        )
-    rng.shuffle(chats)
-    for messages in chats:
-        if rng.random() < 0.2:
-            messages.insert(0, {"role": "system", "content": rng.choice(SYSTEM_PROMPTS)})
-    return [{"messages": messages} for messages in chats]
+    return [
+        {
+            "messages": [
+                {"role": "user", "content": _question(rng, op, a, b)},
+                {"role": "assistant", "content": str(solve(op, a, b))},
+            ]
+        }
+        for op, a, b in problems
+    ]
 
 
 def make_rl_math(rng: random.Random, num: int, heldout: bool) -> list[dict]:
     problems = sample_unique_problems(rng, heldout=heldout, count=num)
     return [
-        {"prompt": word_problem(rng, op, a, b), "answer": str(solve(op, a, b)), "reward": "math"}
+        {"prompt": _question(rng, op, a, b), "answer": str(solve(op, a, b)), "reward": "math"}
         for op, a, b in problems
     ]
 
@@ -543,7 +478,7 @@ def make_arith_mc(rng: random.Random) -> list[dict]:
     for op, a, b in sample_unique_problems(rng, heldout=True, count=NUM_ARITH_MC):
         c = solve(op, a, b)
         # Near misses (one digit off) make the task about exact arithmetic, not magnitude.
-        near = sorted({c + d for d in (-100, -10, -1, 1, 10, 100) if c + d >= 0})
+        near = sorted({c + d for d in (-100, -10, -1, 1, 10, 100) if c + d > 0})
         choices = [c, *rng.sample(near, 3)]
         rng.shuffle(choices)
         records.append(
@@ -585,11 +520,9 @@ def generate_all(
     files = {
         os.path.join(out_dir, "cpt.jsonl"): make_cpt(rng("cpt"), train_code),
         os.path.join(out_dir, "sft_train.jsonl"): make_sft(
-            rng("sft_train"), NUM_SFT_TRAIN, heldout=False, tasks=train_code
+            rng("sft_train"), NUM_SFT_TRAIN, heldout=False
         ),
-        os.path.join(out_dir, "sft_eval.jsonl"): make_sft(
-            rng("sft_eval"), NUM_SFT_EVAL, heldout=True, tasks=heldout_code
-        ),
+        os.path.join(out_dir, "sft_eval.jsonl"): make_sft(rng("sft_eval"), NUM_SFT_EVAL, True),
         os.path.join(out_dir, "rl_math_train.jsonl"): make_rl_math(
             rng("rl_math_train"), NUM_RL_MATH_TRAIN, heldout=False
         ),
