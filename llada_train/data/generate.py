@@ -375,6 +375,7 @@ def reference_solutions() -> dict[str, str]:
 # ---------------------------------------------------------------------------------------------
 
 DIRECT_TEMPLATES = ["What is {a} {op} {b}?", "Compute {a} {op} {b}.", "{a} {op} {b} = ?"]
+EVAL_TEMPLATE = DIRECT_TEMPLATES[0]  # the eval files ask in the first phrasing only
 SENTENCE_TEMPLATES = [
     "{name} likes {color} {item}.",
     "The {animal} is {adj}.",
@@ -468,7 +469,7 @@ def make_rl_code(rng: random.Random, tasks: list[CodeTask]) -> list[dict]:
 def make_arith_gen(rng: random.Random) -> list[dict]:
     problems = sample_unique_problems(rng, heldout=True, count=NUM_ARITH_GEN)
     return [
-        {"question": f"What is {a} {op} {b}?", "answer": str(solve(op, a, b))}
+        {"question": EVAL_TEMPLATE.format(a=a, op=op, b=b), "answer": str(solve(op, a, b))}
         for op, a, b in problems
     ]
 
@@ -483,7 +484,7 @@ def make_arith_mc(rng: random.Random) -> list[dict]:
         rng.shuffle(choices)
         records.append(
             {
-                "question": f"What is {a} {op} {b}?",
+                "question": EVAL_TEMPLATE.format(a=a, op=op, b=b),
                 "choices": [str(x) for x in choices],
                 "gold": choices.index(c),
             }
