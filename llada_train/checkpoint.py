@@ -19,6 +19,7 @@ files, before completion); LLADA_TRAIN_FAULT=kill_after_step:STEP dies right aft
 
 from __future__ import annotations
 
+import collections
 import json
 import os
 import re
@@ -26,8 +27,8 @@ import shutil
 import signal
 import time
 
-from llada_train.distributed import barrier, gathered_parameters
-from llada_train.model.io import save_pretrained
+from llada_train.distributed import barrier, layerwise_gather
+from llada_train.model.io import official_state_dict, save_pretrained
 
 _STEP_DIR = re.compile(r"^step_(\d{8})$")
 PARTIAL = ".partial"
@@ -106,13 +107,14 @@ def save_checkpoint(
     partial = os.path.join(ckpt_root, partial_tag)
     final = os.path.join(ckpt_root, tag)
     engine.save_checkpoint(ckpt_root, tag=partial_tag, client_state=client_state, save_latest=False)
-    if export_hf:
+    if export_hf:  # under ZeRO-3 one decoder layer at a time is gathered, on every rank
         model = engine.module
-        with gathered_parameters(model):
-            if is_main:
-                save_pretrained(
-                    model, os.path.join(partial, "hf"), dtype=export_dtype, tokenizer=tokenizer
-                )
+        state = official_state_dict(model, gather=layerwise_gather(model))
+        if is_main:
+            hf_dir = os.path.join(partial, "hf")
+            save_pretrained(model, hf_dir, dtype=export_dtype, tokenizer=tokenizer, state=state)
+        else:
+            collections.deque(state, maxlen=0)  # take part in the gathers
     if is_main:
         fault_point("kill_in_save", step)
     barrier()

@@ -8,7 +8,8 @@ Contract:
 - `create_engine(...)`: a real DeepSpeed engine (ZeRO 0-3, optional CPU offload) over the model,
   AdamW with decoupled weight decay on matrices only, and a step-indexed LR schedule.
 - `gathered_parameters(model)`: full weights on every rank for the duration of a block (a no-op
-  below ZeRO-3), used around whole sampler calls and exports, never per forward.
+  below ZeRO-3), used around whole sampler calls, never per forward; loads and exports gather
+  one decoder layer at a time (`layerwise_gather`), so no rank holds the whole model for them.
 """
 
 from __future__ import annotations
@@ -72,6 +73,14 @@ def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
     if dist.is_initialized() and dist.get_world_size() > 1:
         dist.all_reduce(t, op=dist.ReduceOp.SUM)
     return t
+
+
+def broadcast_buffers(model: torch.nn.Module, src: int = 0) -> None:
+    """Copy every buffer of rank `src` to the other ranks (ZeRO-3 gathers parameters only, so
+    buffers such as the router's expert bias, loaded on one rank, travel this way)."""
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        for b in model.buffers():
+            dist.broadcast(b.data, src=src)
 
 
 def barrier() -> None:
@@ -157,11 +166,14 @@ def _merge(base: dict, extra: dict) -> dict:
 
 
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
-    """Weight decay on matrices (ndim >= 2); none on norms (vectors)."""
+    """Weight decay on matrices (ndim >= 2); none on norms (vectors). A parameter created
+    partitioned by ZeRO-3 (`zero.Init`) is judged by its full shape (`ds_shape`), not by its
+    empty local placeholder."""
     decay, no_decay = [], []
     for p in model.parameters():
         if p.requires_grad:
-            (decay if p.ndim >= 2 else no_decay).append(p)
+            ndim = len(p.ds_shape) if hasattr(p, "ds_shape") else p.ndim
+            (decay if ndim >= 2 else no_decay).append(p)
     return [
         {"params": decay, "weight_decay": weight_decay},
         {"params": no_decay, "weight_decay": 0.0},
@@ -205,10 +217,23 @@ def create_engine(model: torch.nn.Module, ds_config: dict[str, Any], optim_cfg, 
     return engine
 
 
+def layerwise_gather(model: torch.nn.Module, modifier_rank: int | None = None):
+    """The `gather` argument of `model.io`'s load/export: None when `model` is not partitioned
+    (below ZeRO-3), else a function making a list of its parameters whole for a block."""
+    if not any(hasattr(p, "ds_id") for p in model.parameters()):
+        return None
+    return lambda params: gathered_parameters(params, modifier_rank=modifier_rank)
+
+
 @contextlib.contextmanager
-def gathered_parameters(model: torch.nn.Module, modifier_rank: int | None = None):
-    """Full parameters inside the block under ZeRO-3 (once, around a whole sampler call)."""
-    params = [p for p in model.parameters() if hasattr(p, "ds_id")]
+def gathered_parameters(
+    model: torch.nn.Module | list[torch.nn.Parameter], modifier_rank: int | None = None
+):
+    """Full parameters inside the block under ZeRO-3 (once, around a whole sampler call), of a
+    module or of a list of parameters; with `modifier_rank`, that rank's in-place changes are
+    scattered back on exit."""
+    params = model.parameters() if isinstance(model, torch.nn.Module) else model
+    params = [p for p in params if hasattr(p, "ds_id")]
     if not params:
         yield
         return

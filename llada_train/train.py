@@ -45,10 +45,12 @@ from llada_train.distributed import (
     DistInfo,
     all_reduce_sum,
     barrier,
+    broadcast_buffers,
     create_engine,
     deepspeed_config,
     gathered_parameters,
     init_distributed,
+    layerwise_gather,
     resolve_precision,
     world_size_from_env,
 )
@@ -99,15 +101,17 @@ def resolve_tokenizer(cfg: DictConfig):
 
 def build_model(cfg: DictConfig, config: LLaDA2MoeConfig, ds_config: dict, info: DistInfo):
     """Fresh (seeded, identical on every rank) or loaded from init_from. With ZeRO-3 and
-    init_from, parameters are created partitioned (zero.Init) and filled from the checkpoint."""
+    init_from, parameters are created partitioned (zero.Init) and filled from the checkpoint
+    one decoder layer at a time (rank 0 reads, the others receive their partitions; buffers
+    are broadcast from rank 0 afterwards)."""
     if cfg.init_from and cfg.deepspeed.stage == 3:
         import deepspeed
 
         with deepspeed.zero.Init(config_dict_or_path=ds_config):
             model = LLaDA2MoeModelLM(config)
-        with gathered_parameters(model, modifier_rank=0):
-            if info.is_main:
-                load_official_weights(model, cfg.init_from)
+        gather = layerwise_gather(model, modifier_rank=0)
+        load_official_weights(model, cfg.init_from, gather=gather, write=info.is_main)
+        broadcast_buffers(model)
         return model
     torch.manual_seed(cfg.seed)
     if cfg.init_from:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
@@ -11,7 +12,14 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from llada_train.model.io import INDEX_FILE, from_pretrained, save_pretrained
+from llada_train.model.io import (
+    INDEX_FILE,
+    from_pretrained,
+    load_official_weights,
+    official_state_dict,
+    save_pretrained,
+)
+from llada_train.model.modeling import LLaDA2MoeModelLM
 
 
 def _logits(model, ids):
@@ -44,6 +52,44 @@ def test_save_single_file_and_bf16(tiny_model, tmp_path):
     assert json.load(open(os.path.join(out, "config.json")))["torch_dtype"] == "bfloat16"
     loaded = from_pretrained(out, dtype=torch.bfloat16)
     assert loaded.lm_head.weight.dtype == torch.bfloat16
+
+
+def test_layerwise_gather_export_and_load(tiny_model, tmp_path):
+    """The ZeRO-3 path: export and load enter `gather` once per decoder layer and once for the
+    rest, never with two layers at a time, and give the same files and weights as without it."""
+    entered: list[set[int]] = []
+    owner = {id(p): name for name, p in tiny_model.named_parameters()}
+
+    @contextlib.contextmanager
+    def gather(params):
+        layers = {int(owner[id(p)].split(".")[2]) for p in params if ".layers." in owner[id(p)]}
+        entered.append(layers)
+        yield
+
+    plain = dict(official_state_dict(tiny_model))
+    gathered = dict(official_state_dict(tiny_model, gather=gather))
+    n_layers = tiny_model.config.num_hidden_layers
+    assert entered == [{i} for i in range(n_layers)] + [set()]
+    assert plain.keys() == gathered.keys()
+    assert all(torch.equal(plain[k], gathered[k]) for k in plain)
+    assert all(t.data_ptr() != plain[k].data_ptr() for k, t in gathered.items())  # CPU copies
+
+    out = save_pretrained(
+        tiny_model, tmp_path / "ckpt", state=official_state_dict(tiny_model, gather=gather)
+    )
+    fresh = LLaDA2MoeModelLM(tiny_model.config)
+    untouched = LLaDA2MoeModelLM(tiny_model.config)
+    for model in (fresh, untouched):
+        owner.update({id(p): name for name, p in model.named_parameters()})
+    entered.clear()
+    load_official_weights(fresh, out, gather=gather)
+    assert entered == [{i} for i in range(n_layers)] + [set()]
+    loaded = fresh.state_dict()
+    for name, a in tiny_model.state_dict().items():
+        assert torch.equal(a, loaded[name]), name
+    before = {k: v.clone() for k, v in untouched.state_dict().items()}
+    load_official_weights(untouched, out, gather=gather, write=False)  # a non-writing rank
+    assert all(torch.equal(v, before[k]) for k, v in untouched.state_dict().items())
 
 
 def test_overwrite_is_atomic_and_leaves_no_temp_dirs(tiny_model, tmp_path):

@@ -9,16 +9,21 @@ Contract:
 - Loading checks the names and shapes in the shard headers before reading any data, and fails
   with a ValueError naming every missing, unexpected or mis-shaped tensor.
 - Saving writes into a temporary sibling directory and renames it into place, so a crash never
-  leaves a half-written model directory under the final name.
+  leaves a half-written model directory under the final name; shards are written as they fill
+  (host memory: one shard).
+- Under ZeRO-3, loading and exporting take a `gather` function and make one decoder layer whole
+  at a time, so no rank ever holds the whole model for them.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
 import shutil
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import AbstractContextManager
 
 import torch
 from safetensors import safe_open
@@ -71,25 +76,58 @@ def _mlp_shapes(shapes: dict, prefix: str, hidden: int, width: int) -> None:
     shapes[prefix + "down_proj.weight"] = (hidden, width)
 
 
-def official_state_dict(model: LLaDA2MoeModelLM) -> Iterator[tuple[str, torch.Tensor]]:
+Gather = Callable[[list[torch.nn.Parameter]], AbstractContextManager]
+_LAYER = re.compile(r"^model\.layers\.(\d+)\.")
+
+
+def _units(model: LLaDA2MoeModelLM) -> list[dict[str, torch.Tensor]]:
+    """Parameters and persistent buffers by name, one group per decoder layer, then one for
+    the rest (embeddings, final norm, head): the unit in which ZeRO-3 weights are made whole."""
+    units: list[dict[str, torch.Tensor]] = [{} for _ in range(model.config.num_hidden_layers + 1)]
+    for name, t in model.state_dict(keep_vars=True).items():  # the Parameters themselves
+        m = _LAYER.match(name)
+        units[int(m.group(1)) if m else -1][name] = t
+    return units
+
+
+@contextlib.contextmanager
+def _whole(unit: dict[str, torch.Tensor], gather: Gather | None):
+    if gather is None:
+        yield
+        return
+    with gather([t for t in unit.values() if isinstance(t, torch.nn.Parameter)]):
+        yield
+
+
+def official_state_dict(
+    model: LLaDA2MoeModelLM, gather: Gather | None = None
+) -> Iterator[tuple[str, torch.Tensor]]:
     """Yield (official name, tensor) for every weight and buffer, splitting stacked experts.
 
-    Tensors are views where possible: nothing is copied until the caller needs it.
+    Without `gather`, tensors are views where possible: nothing is copied until the caller needs
+    it. With `gather` (ZeRO-3: params -> a context making them whole on every rank), one decoder
+    layer is whole at a time and the tensors yielded are CPU copies; every rank must then drain
+    the iterator, since the gathers are collective.
     """
-    for name, t in model.state_dict().items():
-        m = _STACKED.match(name)
-        if not m:
-            yield name, t
-            continue
-        prefix, kind = m.groups()
-        if kind == "gate_up_proj":  # (E, H, 2I): gate = [:, :, :I].T, up = [:, :, I:].T
-            width = t.shape[2] // 2
-            for e in range(t.shape[0]):
-                yield f"{prefix}.{e}.gate_proj.weight", t[e, :, :width].T
-                yield f"{prefix}.{e}.up_proj.weight", t[e, :, width:].T
-        else:  # (E, I, H): down[e] = W[e].T (H, I)
-            for e in range(t.shape[0]):
-                yield f"{prefix}.{e}.down_proj.weight", t[e].T
+    for unit in _units(model):
+        with _whole(unit, gather):
+            for name, param in unit.items():
+                t = param.data
+                if gather is not None:
+                    t = t.to("cpu", copy=True)
+                m = _STACKED.match(name)
+                if not m:
+                    yield name, t
+                    continue
+                prefix, kind = m.groups()
+                if kind == "gate_up_proj":  # (E, H, 2I): gate = [:, :, :I].T, up = [:, :, I:].T
+                    width = t.shape[2] // 2
+                    for e in range(t.shape[0]):
+                        yield f"{prefix}.{e}.gate_proj.weight", t[e, :, :width].T
+                        yield f"{prefix}.{e}.up_proj.weight", t[e, :, width:].T
+                else:  # (E, I, H): down[e] = W[e].T (H, I)
+                    for e in range(t.shape[0]):
+                        yield f"{prefix}.{e}.down_proj.weight", t[e].T
 
 
 # ---------------------------------------------------------------------------- save
@@ -100,42 +138,50 @@ def save_pretrained(
     max_shard_bytes: int = 2 * 1024**3,
     extra_files: dict[str, str] | None = None,
     tokenizer=None,
+    state: Iterable[tuple[str, torch.Tensor]] | None = None,
 ) -> str:
     """Write config.json + safetensors shards + index to out_dir atomically; returns out_dir.
 
     dtype: cast floating weights on the way out (e.g. torch.bfloat16); expert_bias stays fp32.
     extra_files: {filename: source path} copied in as well (a README, training args).
     tokenizer: an HF tokenizer saved beside the weights, so the directory is self-contained.
+    state: the (official name, tensor) pairs to write, default `official_state_dict(model)`
+      (ZeRO-3 passes the layer-by-layer gathering iterator).
     """
     out_dir = os.path.abspath(os.fspath(out_dir))
     tmp = out_dir + ".tmp-save"
     shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(tmp)
-    shards: list[dict[str, torch.Tensor]] = [{}]
+    # Each shard is written as soon as it is full (host memory: one shard), under a numbered
+    # name, and renamed to the HF name once the shard count is known.
+    shard: dict[str, torch.Tensor] = {}
+    written: list[dict[str, int]] = []  # per shard: {name: nbytes}
+
+    def flush() -> None:
+        save_file(shard, os.path.join(tmp, f"{len(written)}.part"), metadata={"format": "pt"})
+        written.append({name: t.numel() * t.element_size() for name, t in shard.items()})
+        shard.clear()
+
     size = 0
-    for name, t in official_state_dict(model):
+    for name, t in official_state_dict(model) if state is None else state:
         t = t.detach()
         if dtype is not None and t.is_floating_point() and not name.endswith("expert_bias"):
             t = t.to(dtype)
         nbytes = t.numel() * t.element_size()
-        if shards[-1] and size + nbytes > max_shard_bytes:
-            shards.append({})
+        if shard and size + nbytes > max_shard_bytes:
+            flush()
             size = 0
-        shards[-1][name] = t.to("cpu").contiguous()
+        shard[name] = t.to("cpu").contiguous()
         size += nbytes
+    flush()
     weight_map: dict[str, str] = {}
-    total = 0
-    for i, shard in enumerate(shards):
-        fname = (
-            SINGLE_FILE
-            if len(shards) == 1
-            else f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-        )
-        save_file(shard, os.path.join(tmp, fname), metadata={"format": "pt"})
-        for name, t in shard.items():
-            weight_map[name] = fname
-            total += t.numel() * t.element_size()
-    if len(shards) > 1:
+    for i, names in enumerate(written):
+        n = len(written)
+        fname = SINGLE_FILE if n == 1 else f"model-{i + 1:05d}-of-{n:05d}.safetensors"
+        os.rename(os.path.join(tmp, f"{i}.part"), os.path.join(tmp, fname))
+        weight_map.update(dict.fromkeys(names, fname))
+    if len(written) > 1:
+        total = sum(sum(names.values()) for names in written)
         with open(os.path.join(tmp, INDEX_FILE), "w") as f:
             json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
     config = model.config
@@ -217,27 +263,47 @@ def _short_list(names: list[str], limit: int = 12) -> str:
 
 
 @torch.no_grad()
-def load_official_weights(model: LLaDA2MoeModelLM, model_dir: str) -> None:
-    """Copy the tensors of an official-layout checkpoint into `model` (shapes checked first)."""
+def load_official_weights(
+    model: LLaDA2MoeModelLM, model_dir: str, gather: Gather | None = None, write: bool = True
+) -> None:
+    """Copy the tensors of an official-layout checkpoint into `model` (shapes checked first).
+
+    gather (ZeRO-3): params -> a context making them whole and, on exit, scattering the values
+    of the writing rank; entered one decoder layer at a time, so no rank ever holds the whole
+    model. Every rank calls this; only the one with `write` reads the files. Buffers (the
+    router's expert bias) are written on that rank only: the caller broadcasts them.
+    """
     locations = check_checkpoint(model_dir, model.config)
-    own = model.state_dict()
+    by_unit: dict[int, list[str]] = {}
+    for name in locations:
+        m = _LAYER.match(name)
+        by_unit.setdefault(int(m.group(1)) if m else -1, []).append(name)
+    units = _units(model)
+    for index, unit in enumerate(units):
+        names = by_unit.get(index if index < len(units) - 1 else -1, [])
+        with _whole(unit, gather), torch.no_grad():
+            if write:
+                _copy_official(unit, names, locations)
+
+
+def _copy_official(unit: dict[str, torch.Tensor], names: list[str], locations: dict) -> None:
     by_file: dict[str, list[str]] = {}
-    for name, path in locations.items():
-        by_file.setdefault(path, []).append(name)
-    for path, names in by_file.items():
+    for name in names:
+        by_file.setdefault(locations[name], []).append(name)
+    for path, file_names in by_file.items():
         with safe_open(path, framework="pt") as f:
-            for name in names:
+            for name in file_names:
                 src = f.get_tensor(name)
                 m = _PER_EXPERT.match(name)
                 if m is None:
-                    own[name].copy_(src)
+                    unit[name].data.copy_(src)
                     continue
                 prefix, e, kind = m.groups()
                 e = int(e)
                 if kind == "down_proj":
-                    own[f"{prefix}.down_proj"][e].copy_(src.T)
+                    unit[f"{prefix}.down_proj"].data[e].copy_(src.T)
                 else:
-                    stacked = own[f"{prefix}.gate_up_proj"]
+                    stacked = unit[f"{prefix}.gate_up_proj"].data
                     width = stacked.shape[2] // 2
                     cols = slice(0, width) if kind == "gate_proj" else slice(width, 2 * width)
                     stacked[e, :, cols].copy_(src.T)
