@@ -85,8 +85,10 @@ def test_reference_run_learns_and_checkpoints(reference_run):
     assert smoke["step"] == 4 and len(smoke["samples"]) == 1
 
 
-@pytest.mark.parametrize("stage", [2, 3])
+@pytest.mark.parametrize("stage", ["2", "3", "3_offload"])
 def test_two_processes_reproduce_one(reference_run, tmp_path, stage):
+    """ZeRO-2, ZeRO-3 and ZeRO-3 with optimizer and parameters offloaded to host memory
+    (DeepSpeed's CPU Adam, compiled on first use) against 1 process without ZeRO."""
     out = tmp_path / "run"
     run_entry("sft", out, f"deepspeed=zero{stage}", "checkpoint.save_every=100", nproc=2)
     ref, got = read_metrics(reference_run), read_metrics(out)
