@@ -7,9 +7,10 @@ Contract:
 - `deepspeed_config(...)` is the one place the DeepSpeed json is produced from our typed config.
 - `create_engine(...)`: a real DeepSpeed engine (ZeRO 0-3, optional CPU offload) over the model,
   AdamW with decoupled weight decay on matrices only, and a step-indexed LR schedule.
-- `gathered_parameters(model)`: full weights on every rank for the duration of a block (a no-op
-  below ZeRO-3), used around whole sampler calls, never per forward; loads and exports gather
-  one decoder layer at a time (`layerwise_gather`), so no rank holds the whole model for them.
+- `inference_model(model)`: whole weights on every rank for a block of decoding (the model
+  itself below ZeRO-3, else a hook-free twin over the gathered tensors), so that ranks may take
+  different numbers of sampler forwards; never per forward. Loads and exports gather one decoder
+  layer at a time (`layerwise_gather`), so no rank holds the whole model for them.
 """
 
 from __future__ import annotations
@@ -223,6 +224,34 @@ def layerwise_gather(model: torch.nn.Module, modifier_rank: int | None = None):
     if not any(hasattr(p, "ds_id") for p in model.parameters()):
         return None
     return lambda params: gathered_parameters(params, modifier_rank=modifier_rank)
+
+
+@contextlib.contextmanager
+def inference_model(model: torch.nn.Module):
+    """The model with whole weights for decoding, on this rank alone: `model` itself below
+    ZeRO-3; under ZeRO-3 a twin without DeepSpeed's hooks that shares the gathered tensors.
+
+    Entering and leaving are collective (every rank must), but what happens inside is not: the
+    sampler takes a data-dependent number of forwards per rank, and ZeRO-3's per-module hooks
+    would re-gather released weights collectively inside them and deadlock.
+    """
+    params = [p for p in model.parameters() if hasattr(p, "ds_id")]
+    if not params:
+        yield model
+        return
+    with gathered_parameters(model):
+        with torch.device("meta"):
+            twin = type(model)(model.config)
+        with torch.no_grad():
+            for name, t in [*model.named_parameters(), *model.named_buffers()]:
+                owner_name, _, leaf = name.rpartition(".")
+                owner = twin.get_submodule(owner_name)
+                if leaf in owner._parameters:
+                    owner._parameters[leaf] = torch.nn.Parameter(t.data, requires_grad=False)
+                else:
+                    owner._buffers[leaf] = t.data
+        twin.train(model.training)
+        yield twin
 
 
 @contextlib.contextmanager

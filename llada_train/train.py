@@ -48,7 +48,7 @@ from llada_train.distributed import (
     broadcast_buffers,
     create_engine,
     deepspeed_config,
-    gathered_parameters,
+    inference_model,
     init_distributed,
     layerwise_gather,
     resolve_precision,
@@ -224,8 +224,8 @@ def smoke_generate(
     was_training = model.training
     model.eval()
     try:
-        with gathered_parameters(model):
-            out = Sampler(model, ids.mask_id, ids.eos_id, s_cfg, device=info.device).generate(
+        with inference_model(model) as whole:
+            out = Sampler(whole, ids.mask_id, ids.eos_id, s_cfg, device=info.device).generate(
                 eval_prompts[:n]
             )
     finally:
@@ -415,9 +415,9 @@ def evaluate_in_process(path, step, model, tokenizer, cfg, info, tracker) -> Non
     was_training = model.training
     model.eval()
     try:
-        with gathered_parameters(model):
+        with inference_model(model) as whole:
             if info.is_main:
-                evaluate_checkpoint(path, cfg.checkpoint.eval, model=model, tokenizer=tokenizer,
+                evaluate_checkpoint(path, cfg.checkpoint.eval, model=whole, tokenizer=tokenizer,
                                     step=step, tracker=tracker)  # fmt: skip
             barrier()
     finally:

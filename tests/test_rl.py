@@ -78,11 +78,15 @@ def test_grpo_baseline_and_resume(policy_dir, tmp_path):
     assert steps == [1, 2]
 
 
-def test_two_process_zero2(policy_dir, tmp_path):
+@pytest.mark.parametrize("stage", [2, 3])
+def test_two_processes(policy_dir, tmp_path, stage):
+    """2 ranks, each with its own prompts; under ZeRO-3 the policy is loaded partitioned."""
     out = tmp_path / "rl"
-    run_rl(out, policy_dir, "deepspeed=zero2", nproc=2)
+    run_rl(out, policy_dir, f"deepspeed=zero{stage}", nproc=2)
     train = [m for m in read_metrics(out) if "reward/mean" in m]
     assert [m["step"] for m in train] == [1, 2]
+    assert train[0]["ratio/mean"] == pytest.approx(1.0, abs=0.05)
+    assert [s for s, _ in complete_checkpoints(os.path.join(out, "checkpoints"))][-1] == 2
 
 
 def test_bad_config_is_explained(policy_dir, tmp_path):

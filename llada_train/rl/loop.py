@@ -38,7 +38,7 @@ from llada_train.distributed import (
     all_reduce_sum,
     create_engine,
     deepspeed_config,
-    gathered_parameters,
+    inference_model,
     init_distributed,
     resolve_precision,
 )
@@ -249,9 +249,9 @@ def rl_train(cfg: DictConfig) -> str:
         if not eval_records:
             return
         model.eval()
-        with gathered_parameters(model):
+        with inference_model(model) as whole:
             value = held_out_reward(
-                model, ids, tokenizer, base_sampler, eval_records, info, cfg.rollout.gen_length,
+                whole, ids, tokenizer, base_sampler, eval_records, info, cfg.rollout.gen_length,
                 cfg.rollout.reward_workers,
             )  # fmt: skip
         model.train()
@@ -275,9 +275,9 @@ def rl_train(cfg: DictConfig) -> str:
         group = cfg.rollout.group_size
         dual_groups = round(cfg.rollout.dual_mode_fraction * per_rank)
         model.eval()
-        with gathered_parameters(model):
+        with inference_model(model) as whole:
             completions, dual_flags, rollout_stats = rollout(
-                model, ids, base_sampler, [r["prompt_ids"] for r in mine], group, dual_groups,
+                whole, ids, base_sampler, [r["prompt_ids"] for r in mine], group, dual_groups,
                 example_seed(cfg.seed, step, info.rank, 0), info.device,
             )  # fmt: skip
         model.train()
