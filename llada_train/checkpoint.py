@@ -19,7 +19,6 @@ files, before completion); LLADA_TRAIN_FAULT=kill_after_step:STEP dies right aft
 
 from __future__ import annotations
 
-import collections
 import json
 import os
 import re
@@ -28,7 +27,7 @@ import signal
 import time
 
 from llada_train.distributed import barrier, layerwise_gather
-from llada_train.model.io import official_state_dict, save_pretrained
+from llada_train.model.io import official_state_dict, save_pretrained, whole_units
 
 _STEP_DIR = re.compile(r"^step_(\d{8})$")
 PARTIAL = ".partial"
@@ -109,12 +108,14 @@ def save_checkpoint(
     engine.save_checkpoint(ckpt_root, tag=partial_tag, client_state=client_state, save_latest=False)
     if export_hf:  # under ZeRO-3 one decoder layer at a time is gathered, on every rank
         model = engine.module
-        state = official_state_dict(model, gather=layerwise_gather(model))
+        gather = layerwise_gather(model)
         if is_main:
+            state = official_state_dict(model, gather=gather)
             hf_dir = os.path.join(partial, "hf")
             save_pretrained(model, hf_dir, dtype=export_dtype, tokenizer=tokenizer, state=state)
         else:
-            collections.deque(state, maxlen=0)  # take part in the gathers
+            for _ in whole_units(model, gather):  # take part in the gathers, copy nothing
+                pass
     if is_main:
         fault_point("kill_in_save", step)
     barrier()

@@ -218,10 +218,15 @@ def create_engine(model: torch.nn.Module, ds_config: dict[str, Any], optim_cfg, 
     return engine
 
 
+def is_partitioned(model: torch.nn.Module) -> bool:
+    """Whether ZeRO-3 partitions the parameters of `model`."""
+    return any(hasattr(p, "ds_id") for p in model.parameters())
+
+
 def layerwise_gather(model: torch.nn.Module, modifier_rank: int | None = None):
     """The `gather` argument of `model.io`'s load/export: None when `model` is not partitioned
     (below ZeRO-3), else a function making a list of its parameters whole for a block."""
-    if not any(hasattr(p, "ds_id") for p in model.parameters()):
+    if not is_partitioned(model):
         return None
     return lambda params: gathered_parameters(params, modifier_rank=modifier_rank)
 
@@ -235,8 +240,7 @@ def inference_model(model: torch.nn.Module):
     sampler takes a data-dependent number of forwards per rank, and ZeRO-3's per-module hooks
     would re-gather released weights collectively inside them and deadlock.
     """
-    params = [p for p in model.parameters() if hasattr(p, "ds_id")]
-    if not params:
+    if not is_partitioned(model):
         yield model
         return
     with gathered_parameters(model):

@@ -17,7 +17,6 @@ Contract:
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import re
@@ -80,23 +79,29 @@ Gather = Callable[[list[torch.nn.Parameter]], AbstractContextManager]
 _LAYER = re.compile(r"^model\.layers\.(\d+)\.")
 
 
-def _units(model: LLaDA2MoeModelLM) -> list[dict[str, torch.Tensor]]:
+def _unit_index(name: str, num_layers: int) -> int:
+    """The decoder layer a tensor name belongs to; `num_layers` for the rest."""
+    m = _LAYER.match(name)
+    return int(m.group(1)) if m else num_layers
+
+
+def whole_units(
+    model: LLaDA2MoeModelLM, gather: Gather | None = None
+) -> Iterator[dict[str, torch.Tensor]]:
     """Parameters and persistent buffers by name, one group per decoder layer, then one for
-    the rest (embeddings, final norm, head): the unit in which ZeRO-3 weights are made whole."""
-    units: list[dict[str, torch.Tensor]] = [{} for _ in range(model.config.num_hidden_layers + 1)]
+    the rest (embeddings, final norm, head). With `gather` (ZeRO-3), each group's parameters
+    are whole while it is being used, and only then; every rank must run the iteration to its
+    end, since the gathers are collective."""
+    n = model.config.num_hidden_layers
+    units: list[dict[str, torch.Tensor]] = [{} for _ in range(n + 1)]
     for name, t in model.state_dict(keep_vars=True).items():  # the Parameters themselves
-        m = _LAYER.match(name)
-        units[int(m.group(1)) if m else -1][name] = t
-    return units
-
-
-@contextlib.contextmanager
-def _whole(unit: dict[str, torch.Tensor], gather: Gather | None):
-    if gather is None:
-        yield
-        return
-    with gather([t for t in unit.values() if isinstance(t, torch.nn.Parameter)]):
-        yield
+        units[_unit_index(name, n)][name] = t
+    for unit in units:
+        if gather is None:
+            yield unit
+            continue
+        with gather([t for t in unit.values() if isinstance(t, torch.nn.Parameter)]):
+            yield unit
 
 
 def official_state_dict(
@@ -109,25 +114,24 @@ def official_state_dict(
     layer is whole at a time and the tensors yielded are CPU copies; every rank must then drain
     the iterator, since the gathers are collective.
     """
-    for unit in _units(model):
-        with _whole(unit, gather):
-            for name, param in unit.items():
-                t = param.data
-                if gather is not None:
-                    t = t.to("cpu", copy=True)
-                m = _STACKED.match(name)
-                if not m:
-                    yield name, t
-                    continue
-                prefix, kind = m.groups()
-                if kind == "gate_up_proj":  # (E, H, 2I): gate = [:, :, :I].T, up = [:, :, I:].T
-                    width = t.shape[2] // 2
-                    for e in range(t.shape[0]):
-                        yield f"{prefix}.{e}.gate_proj.weight", t[e, :, :width].T
-                        yield f"{prefix}.{e}.up_proj.weight", t[e, :, width:].T
-                else:  # (E, I, H): down[e] = W[e].T (H, I)
-                    for e in range(t.shape[0]):
-                        yield f"{prefix}.{e}.down_proj.weight", t[e].T
+    for unit in whole_units(model, gather):
+        for name, param in unit.items():
+            t = param.data
+            if gather is not None:
+                t = t.to("cpu", copy=True)
+            m = _STACKED.match(name)
+            if not m:
+                yield name, t
+                continue
+            prefix, kind = m.groups()
+            if kind == "gate_up_proj":  # (E, H, 2I): gate = [:, :, :I].T, up = [:, :, I:].T
+                width = t.shape[2] // 2
+                for e in range(t.shape[0]):
+                    yield f"{prefix}.{e}.gate_proj.weight", t[e, :, :width].T
+                    yield f"{prefix}.{e}.up_proj.weight", t[e, :, width:].T
+            else:  # (E, I, H): down[e] = W[e].T (H, I)
+                for e in range(t.shape[0]):
+                    yield f"{prefix}.{e}.down_proj.weight", t[e].T
 
 
 # ---------------------------------------------------------------------------- save
@@ -276,14 +280,10 @@ def load_official_weights(
     locations = check_checkpoint(model_dir, model.config)
     by_unit: dict[int, list[str]] = {}
     for name in locations:
-        m = _LAYER.match(name)
-        by_unit.setdefault(int(m.group(1)) if m else -1, []).append(name)
-    units = _units(model)
-    for index, unit in enumerate(units):
-        names = by_unit.get(index if index < len(units) - 1 else -1, [])
-        with _whole(unit, gather), torch.no_grad():
-            if write:
-                _copy_official(unit, names, locations)
+        by_unit.setdefault(_unit_index(name, model.config.num_hidden_layers), []).append(name)
+    for index, unit in enumerate(whole_units(model, gather)):
+        if write:
+            _copy_official(unit, by_unit.get(index, []), locations)
 
 
 def _copy_official(unit: dict[str, torch.Tensor], names: list[str], locations: dict) -> None:
