@@ -69,7 +69,7 @@ from typing import Any, Protocol
 
 import torch
 
-from llada_train.masks import block_causal_mask
+from llada_train.masks import AttentionMask, decode_mask
 from llada_train.model.modeling import PrefixKVCache
 
 # (threshold, editing_threshold, max_post_steps) of the LLaDA2.1 report's two modes.
@@ -670,22 +670,14 @@ class Sampler:
         mask_cols: torch.Tensor,  # (Lq,) column used for the block rule of each query
         q_cols: torch.Tensor,  # (Lq,) true column of each query
         end: int,  # keys are columns [0, end)
-    ) -> torch.Tensor | None:
-        """Bool (N|1, 1, Lq, end) block-causal mask over valid keys; None if nothing is hidden."""
-        bl, dev = batch.block_length, self.device
-        max_pad = max(batch.pad[r] for r in row_list)
-        if max_pad == 0 and int(mask_cols.min()) // bl == (end - 1) // bl:
+    ) -> AttentionMask | None:
+        """(N|1, 1, Lq, end) block-causal mask over valid keys (`masks.decode_mask`: dense for
+        SDPA, a cached BlockMask for FlexAttention); None if nothing is hidden."""
+        bl = batch.block_length
+        pad = [batch.pad[r] for r in row_list]
+        if max(pad) == 0 and int(mask_cols.min()) // bl == (end - 1) // bl:
             return None  # every query sees every key: let SDPA run without a mask
-        rows = torch.tensor(row_list, device=dev)
-        k_cols = torch.arange(end, device=dev)
-        key_valid = batch.valid[rows, :end] if max_pad else None
-        mask = block_causal_mask(mask_cols.to(dev)[None], k_cols[None], bl, key_valid)
-        if int(q_cols.min()) < max_pad:  # padding queries attend to themselves (no empty row)
-            q_cols = q_cols.to(dev)
-            q_pad = ~batch.valid[rows][:, q_cols]  # (N, Lq)
-            own = q_cols[:, None] == k_cols[None, :]  # (Lq, end)
-            mask = mask | (q_pad[:, :, None] & own[None])[:, None]
-        return mask  # (N|1, 1, Lq, end)
+        return decode_mask(mask_cols, q_cols, end, bl, pad, self.device)
 
     def _call_model(
         self,

@@ -12,6 +12,13 @@ Contract (facts of the official model code, SPEC section 1):
   (E, I, H), and run as grouped matmuls over expert-sorted tokens: one launch per projection per
   layer whatever the routing, and every rank touches every expert weight in the same order
   (what ZeRO-3 needs). `llada_train.model.io` maps to and from the official per-expert names.
+- Attention runs SDPA with a dense boolean mask or block-sparse FlexAttention
+  (`llada_train.model.attention`); `model.attention_backend` ('auto' = flex on CUDA, sdpa
+  elsewhere | 'sdpa' | 'flex') picks the form of an `AttentionMask`; both agree to float
+  rounding (tests/test_attention.py).
+- Precision: norms, rotary tables, router logits/scores/combine weights, the weighted sum of
+  expert outputs and the logits are fp32 whatever the parameter dtype (bf16 on GPU), as the
+  official model (`router_dtype: fp32`); matmuls run in the parameter dtype.
 - `PrefixKVCache` holds keys/values of a committed prefix (finished blocks); a forward with
   `commit_len = n` appends the keys/values of its first n positions to the cache.
 
@@ -28,6 +35,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from llada_train.masks import AttentionMask
+from llada_train.model.attention import attend, resolve_mask
 from llada_train.model.config import LLaDA2MoeConfig
 
 
@@ -130,7 +139,7 @@ class Attention(nn.Module):
         x: torch.Tensor,  # (B, L, H)
         cos: torch.Tensor,
         sin: torch.Tensor,
-        attention_mask: torch.Tensor | None,  # bool, broadcastable to (B, 1, L, Lc + L)
+        attention_mask,  # BlockMask | bool broadcastable to (B, 1, L, Lc + L) | None
         kv_cache: PrefixKVCache | None,
         layer_idx: int,
         commit_len: int,
@@ -149,9 +158,7 @@ class Attention(nn.Module):
                 kv_cache.append(layer_idx, k[:, :, :commit_len], v[:, :, :commit_len])
             if ck is not None:
                 k, v = torch.cat((ck, k), dim=2), torch.cat((cv, v), dim=2)
-        out = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=attention_mask, enable_gqa=self.num_heads != self.num_kv_heads
-        )
+        out = attend(q, k, v, attention_mask)  # (B, nH, L, D)
         return self.dense(out.transpose(1, 2).reshape(b, n, self.num_heads * self.head_dim))
 
 
@@ -298,8 +305,13 @@ class SparseMoE(nn.Module):
         # index_select rather than advanced indexing: its backward is an index_add, not the
         # much slower accumulating index_put
         y_sorted = self.experts(flat.index_select(0, token_of), offsets)  # (T*K, H)
-        w_sorted = topk_w.reshape(-1).index_select(0, order).to(y_sorted.dtype)
-        y = torch.zeros_like(flat).index_add_(0, token_of, y_sorted * w_sorted[:, None])
+        w_sorted = topk_w.reshape(-1).index_select(0, order)  # (T*K,) fp32
+        # weighted sum in fp32, then the model dtype, as the official code
+        # (`(y * topk_weight).sum(1).to(hidden_states.dtype)`, topk_weight fp32)
+        y = flat.new_zeros(flat.shape, dtype=torch.float32).index_add_(
+            0, token_of, y_sorted.float() * w_sorted[:, None]
+        )
+        y = y.to(flat.dtype)
         self.last_expert_load = load.detach()
         self.last_routing = (scores, topk_idx) if self.training else None
         if self.shared_experts is not None:
@@ -346,6 +358,8 @@ class LLaDA2MoeModelLM(nn.Module):
         self.model = LLaDA2MoeModel(config)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.gradient_checkpointing = False
+        # 'auto' (flex on CUDA, sdpa elsewhere) | 'sdpa' | 'flex'; see model/attention.py
+        self.attention_backend = "auto"
         if not any(p.is_meta for p in self.parameters()):
             self.reset_parameters()
 
@@ -373,16 +387,20 @@ class LLaDA2MoeModelLM(nn.Module):
     def forward(
         self,
         input_ids: torch.Tensor,  # (B, L)
-        attention_mask: torch.Tensor | None = None,  # bool (B|1, 1, L, Lc + L); None = full
+        attention_mask: AttentionMask | torch.Tensor | None = None,  # (B|1, 1, L, Lc + L)
         position_ids: torch.Tensor | None = None,  # (B|1, L); default Lc .. Lc + L - 1
         kv_cache: PrefixKVCache | None = None,
         commit_len: int = 0,
         logits_slice: slice | None = None,
     ) -> torch.Tensor:
-        """Logits (B, L', V) in fp32 for the positions in `logits_slice` (all by default)."""
+        """Logits (B, L', V) in fp32 for the positions in `logits_slice` (all by default).
+
+        attention_mask: an `AttentionMask` (drawn as a BlockMask or a dense tensor according to
+        `attention_backend`), a bool tensor (True = may attend; always SDPA) or None (full).
+        Raises ValueError for a non-boolean mask tensor or commit_len without a cache.
+        """
         b, n = input_ids.shape
-        if attention_mask is not None and attention_mask.dtype != torch.bool:
-            raise ValueError("attention_mask must be a boolean tensor (True = may attend)")
+        attention_mask = resolve_mask(attention_mask, self.attention_backend, input_ids.device)
         if commit_len and kv_cache is None:
             raise ValueError("commit_len > 0 needs a kv_cache to commit into")
         past = kv_cache.length if kv_cache is not None else 0

@@ -28,7 +28,7 @@ def naive_moe_forward(moe: SparseMoE, x: torch.Tensor) -> torch.Tensor:
         up_w = moe.experts.gate_up_proj[e, :, width:]
         h = rep[sel]
         y[sel] = (F.silu(h @ gate_w) * (h @ up_w)) @ moe.experts.down_proj[e]
-    y = (y.view(-1, k, shape[-1]) * topk_w.unsqueeze(-1).to(y.dtype)).sum(1)
+    y = (y.view(-1, k, shape[-1]) * topk_w.unsqueeze(-1)).sum(1).to(x.dtype)  # fp32 sum
     if moe.shared_experts is not None:
         y = y + moe.shared_experts(flat)
     return y.view(shape)
