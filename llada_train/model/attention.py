@@ -12,11 +12,11 @@ Contract:
   boolean tensor or None always goes to SDPA (None: full attention, flash kernels on GPU, which
   beat any masked kernel when nothing is masked).
 - `attend(q, k, v, mask)`: a BlockMask runs FlexAttention, anything else SDPA. On CUDA
-  FlexAttention runs compiled (one fused Triton kernel for forward and backward); on CPU it
-  runs the unfused eager implementation (forward), and for backward, which the public CPU call
-  refuses, the same FlexAttention higher-order op directly (its dense math forward and
-  backward). That CPU path exists so the equivalence tests can check logits and gradients of
-  both backends on CPU; it is not fast.
+  FlexAttention runs compiled (one fused Triton kernel for forward and backward); elsewhere
+  the FlexAttention higher-order op runs eagerly (its dense math forward and backward: the
+  public call would trace it with dynamo per shape, and refuses backward on CPU). That path
+  exists so the equivalence tests can check logits and gradients of both backends on CPU; it
+  is not fast (`scripts/bench_attention.py` times the compiled CPU kernel).
 - Every query row must see at least one key (the masks of `llada_train.masks` guarantee it):
   SDPA returns NaN for an empty row, FlexAttention zeros.
 
@@ -26,7 +26,6 @@ Legend: B batch, nH query heads, Hkv key/value heads, Lq queries, Lk keys, D hea
 from __future__ import annotations
 
 import functools
-import warnings
 
 import torch
 import torch.nn.functional as F
@@ -76,13 +75,7 @@ def attend(
 def _flex(q, k, v, block_mask, gqa: bool) -> torch.Tensor:
     if q.device.type == "cuda":
         return _compiled_flex()(q, k, v, block_mask=block_mask, enable_gqa=gqa)
-    if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)):
-        return _flex_math_with_grad(q, k, v, block_mask, gqa)
-    from torch.nn.attention.flex_attention import flex_attention
-
-    with warnings.catch_warnings():  # "called without torch.compile": intended on CPU
-        warnings.simplefilter("ignore", UserWarning)
-        return flex_attention(q, k, v, block_mask=block_mask, enable_gqa=gqa)
+    return _flex_math(q, k, v, block_mask, gqa)
 
 
 @functools.cache
@@ -94,8 +87,12 @@ def _compiled_flex():
     return torch.compile(flex_attention)
 
 
-def _flex_math_with_grad(q, k, v, block_mask, gqa: bool) -> torch.Tensor:
-    """FlexAttention's own higher-order op, eagerly: dense math forward and backward (CPU)."""
+def _flex_math(q, k, v, block_mask, gqa: bool) -> torch.Tensor:
+    """FlexAttention's own higher-order op, eagerly: dense math forward and backward (CPU).
+
+    What the public eager call runs too, minus its per-shape dynamo tracing and its refusal of
+    backward on CPU.
+    """
     from torch._higher_order_ops.flex_attention import flex_attention as flex_hop
 
     def identity_score(score, b, h, q_idx, kv_idx):
