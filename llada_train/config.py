@@ -118,6 +118,7 @@ class TrainConfig:
     seed: int = 0
     precision: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | bf16 | fp32
     activation_checkpointing: bool = False
+    attention_backend: str = "auto"  # auto (flex on CUDA, sdpa elsewhere) | sdpa | flex
     output_dir: str = "runs/default"
     resume: str = "auto"  # auto (latest complete checkpoint in output_dir) | none | a path
     dry_run: bool = False  # build on the meta device, print sizes and DeepSpeed config, exit
@@ -181,6 +182,7 @@ class RLConfig:
     seed: int = 0
     precision: str = "auto"
     activation_checkpointing: bool = False
+    attention_backend: str = "auto"  # auto (flex on CUDA, sdpa elsewhere) | sdpa | flex
     output_dir: str = "runs/rl"
     resume: str = "auto"
     progress: bool = True

@@ -62,6 +62,7 @@ from llada_train.losses import (
     micro_batch_loss,
 )
 from llada_train.masks import training_inputs
+from llada_train.model.attention import BACKENDS
 from llada_train.model.config import LLaDA2MoeConfig
 from llada_train.model.init import model_config_from_node
 from llada_train.model.init import resolve_tokenizer as resolve_tokenizer_spec
@@ -137,6 +138,8 @@ def check_config(cfg: DictConfig, task: str) -> None:
         raise ValueError(f"data.on_bad_record={cfg.data.on_bad_record!r}: choose error or skip")
     if cfg.max_steps <= 0 or cfg.micro_batch_size <= 0 or cfg.block_length <= 0:
         raise ValueError("max_steps, micro_batch_size and block_length must be positive")
+    if cfg.attention_backend not in BACKENDS:
+        raise ValueError(f"attention_backend={cfg.attention_backend!r}: choose one of {BACKENDS}")
 
 
 def dry_run(cfg: DictConfig, task: str) -> None:
@@ -276,6 +279,7 @@ def train(cfg: DictConfig, task: str) -> str:
     )
     model = build_model(cfg, config, ds_config, info)
     model.gradient_checkpointing = cfg.activation_checkpointing
+    model.attention_backend = cfg.attention_backend
     engine = create_engine(model, ds_config, cfg.optim, cfg.max_steps)
     model = engine.module
     for moe in model.moe_layers():  # selection-only bias stays fp32 whatever the weights' dtype

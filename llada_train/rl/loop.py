@@ -44,6 +44,7 @@ from llada_train.distributed import (
 )
 from llada_train.generate import encode_prompt, sampler_config
 from llada_train.losses import micro_batch_loss
+from llada_train.model.attention import BACKENDS
 from llada_train.model.config import LLaDA2MoeConfig
 from llada_train.rl.advantages import group_advantages, zero_variance_fraction
 from llada_train.rl.objectives import (
@@ -167,6 +168,8 @@ def held_out_reward(
 # ---------------------------------------------------------------------------- the loop
 def check_rl_config(cfg: DictConfig, world_size: int) -> tuple[int, int]:
     """(prompts per rank, accumulation steps), or a ValueError saying what to change."""
+    if cfg.attention_backend not in BACKENDS:
+        raise ValueError(f"attention_backend={cfg.attention_backend!r}: choose one of {BACKENDS}")
     r = cfg.rollout
     if r.prompts_per_step % world_size:
         raise ValueError(
@@ -214,6 +217,7 @@ def rl_train(cfg: DictConfig) -> str:
     )
     model = build_model(cfg, config, ds_config, info)
     model.gradient_checkpointing = cfg.activation_checkpointing
+    model.attention_backend = cfg.attention_backend
     reference = copy.deepcopy(model).eval().requires_grad_(False) if cfg.conf.kl_coef > 0 else None
     updates = cfg.conf.updates_per_batch
     engine = create_engine(model, ds_config, cfg.optim, cfg.max_steps * updates)
