@@ -19,10 +19,9 @@ import sys
 import time
 
 import torch
-from omegaconf import OmegaConf
 
 from llada_train import CONF_DIR
-from llada_train.masks import block_diffusion_mask
+from llada_train.masks import training_inputs
 from llada_train.model.config import LLaDA2MoeConfig
 from llada_train.model.modeling import LLaDA2MoeModelLM, SparseMoE
 from llada_train.model.reference import naive_moe_forward
@@ -42,6 +41,8 @@ def build_config(args) -> LLaDA2MoeConfig:
     elif os.path.exists(args.model):
         d = LLaDA2MoeConfig.from_json(args.model).to_dict()
     else:
+        from omegaconf import OmegaConf
+
         d = OmegaConf.to_container(
             OmegaConf.load(os.path.join(CONF_DIR, "model", f"{args.model}.yaml"))
         )
@@ -52,15 +53,32 @@ def build_config(args) -> LLaDA2MoeConfig:
     return LLaDA2MoeConfig.from_dict(d)
 
 
-def training_flops_per_token(config: LLaDA2MoeConfig, seq_len: int) -> float:
-    """6 x active matmul parameters (embedding lookup excluded) + attention scores and values.
+def training_step_flops(
+    config: LLaDA2MoeConfig, batch: int, seq_len: int, block_length: int, visible_pairs=None
+) -> float:
+    """Model FLOPs of one forward+backward (3x forward) of a training batch (B, L).
 
-    The [x_t ; x_0] layout doubles the sequence: tokens counted are the 2L processed positions.
+    Layout [x_t ; x_0] (2L positions) when block_length < L, else x_t alone (L). Counted:
+    2 FLOPs per multiply-add of every active matmul parameter (embedding lookup excluded) on
+    every position, the lm_head on the L logit positions only, and attention scores and values
+    (2 x 2 x heads x head_dim per visible query-key pair per layer) on the pairs the mask
+    allows (`visible_pairs`: their number per row, default from the block-diffusion mask);
+    the skipped half of the score matrix is not counted as useful work.
     """
+    from llada_train.masks import block_diffusion_mask
+
+    h, v = config.hidden_size, config.vocab_size
     _, active = config.num_parameters()
-    matmul_params = active - config.vocab_size * config.hidden_size
-    attn = 2 * 2 * config.num_hidden_layers * config.num_attention_heads * config.head_dim * seq_len
-    return 6 * matmul_params + 3 * attn
+    body = active - 2 * v * h  # embeddings and lm_head out
+    positions = 2 * seq_len if block_length < seq_len else seq_len
+    if visible_pairs is None:
+        if block_length < seq_len:
+            visible_pairs = int(block_diffusion_mask(seq_len, block_length).sum())
+        else:
+            visible_pairs = seq_len * seq_len
+    attn_fwd = 4 * config.num_hidden_layers * config.num_attention_heads * config.head_dim
+    forward = (2 * body * positions + 2 * v * h * seq_len + attn_fwd * visible_pairs) * batch
+    return 3.0 * forward
 
 
 def median_seconds(step, steps: int, warmup: int, cuda: bool) -> float:
@@ -88,6 +106,37 @@ def use_naive_moe(model: LLaDA2MoeModelLM, naive: bool) -> None:
                 moe.__dict__.pop("forward", None)
 
 
+def training_step_fn(model: LLaDA2MoeModelLM, batch: int, seq_len: int, block_length: int):
+    """A closure running one forward+backward of a random training batch (B, L) on the
+    [x_t ; x_0] layout with its block-diffusion mask (an `AttentionMask`: SDPA or FlexAttention
+    according to `model.attention_backend`)."""
+    device = next(model.parameters()).device
+    gen = torch.Generator(device="cpu").manual_seed(0)
+    x0 = torch.randint(0, model.config.vocab_size, (batch, seq_len), generator=gen).to(device)
+    ids, mask, positions, logits_slice = training_inputs(x0, x0, block_length)
+
+    def step():
+        logits = model(ids, attention_mask=mask, position_ids=positions, logits_slice=logits_slice)
+        logits.logsumexp(-1).mean().backward()
+        model.zero_grad(set_to_none=True)
+
+    return step
+
+
+def moe_layer_step_fn(moe: SparseMoE, tokens: int):
+    """A closure running forward+backward of one MoE layer on `tokens` random hidden states."""
+    p = moe.experts.gate_up_proj
+    x = torch.randn(tokens, p.shape[1], device=p.device, dtype=p.dtype, requires_grad=True)
+
+    def step():
+        y = moe(x)
+        y.backward(torch.ones_like(y))
+        x.grad = None
+        moe.zero_grad(set_to_none=True)
+
+    return step
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument(
@@ -104,9 +153,10 @@ def main(argv=None) -> None:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     p.add_argument(
-        "--peak-tflops", type=float, default=989.0, help="device peak for MFU (H100 bf16)"
+        "--peak-tflops", type=float, default=989.0, help="device peak for MFU (H100/H200 bf16)"
     )
     p.add_argument("--skip-naive", action="store_true", help="only time our MoE")
+    p.add_argument("--attention", default="auto", choices=["auto", "sdpa", "flex"])
     args = p.parse_args(argv)
 
     config = build_config(args)
@@ -114,31 +164,20 @@ def main(argv=None) -> None:
     torch.manual_seed(0)
     with torch.device(device):
         model = LLaDA2MoeModelLM(config).to(dtype).train()
-    ids = torch.randint(0, config.vocab_size, (args.batch, 2 * args.seq), device=device)
-    mask = block_diffusion_mask(args.seq, args.block_length, device)
+    model.attention_backend = args.attention
     tokens = args.batch * 2 * args.seq
     total, active = config.num_parameters()
     print(
         f"config: {config.num_hidden_layers} layers, hidden {config.hidden_size}, "
         f"{config.num_experts} experts top-{config.num_experts_per_tok}, "
         f"{total / 1e6:.1f}M params ({active / 1e6:.1f}M active); "
-        f"batch {args.batch} x 2x{args.seq} tokens on {device} {args.dtype}"
+        f"batch {args.batch} x 2x{args.seq} tokens on {device} {args.dtype}, "
+        f"attention {args.attention}"
     )
     cuda = device.type == "cuda"
-
-    def model_step():
-        logits = model(ids, attention_mask=mask, logits_slice=slice(0, args.seq))
-        logits.logsumexp(-1).mean().backward()
-        model.zero_grad(set_to_none=True)
-
+    model_step = training_step_fn(model, args.batch, args.seq, args.block_length)
     moe = next(m for m in model.modules() if isinstance(m, SparseMoE))
-    x = torch.randn(tokens, config.hidden_size, device=device, dtype=dtype, requires_grad=True)
-
-    def layer_step():
-        y = moe(x)
-        y.backward(torch.ones_like(y))
-        x.grad = None
-        model.zero_grad(set_to_none=True)
+    layer_step = moe_layer_step_fn(moe, tokens)
 
     for label, step in (("one MoE layer", layer_step), ("whole model  ", model_step)):
         use_naive_moe(model, False)
@@ -151,7 +190,7 @@ def main(argv=None) -> None:
             line += f" | speed-up {naive / ours:.2f}x"
         print(line, flush=True)
         if cuda and step is model_step:
-            flops = training_flops_per_token(config, 2 * args.seq) * tokens / ours
+            flops = training_step_flops(config, args.batch, args.seq, args.block_length) / ours
             mfu = 100 * flops / (args.peak_tflops * 1e12)
             print(f"MFU (ours): {mfu:.1f}% of {args.peak_tflops} TFLOP/s")
             print(f"peak memory: {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB")
