@@ -1,0 +1,49 @@
+#!/usr/bin/env bash
+# One command for a GPU slot: GPU tests + every GPU figure of BENCHMARKS.md, <= 8 min on one
+# H100/H200. Writes OUT/gpu_check.json, OUT/gpu_check.md (the table), OUT/gpu_tests.xml.
+#
+#   scripts/gpu_check.sh                      # on a CUDA machine (project installed: pip install -e .)
+#   scripts/gpu_check.sh --out DIR            # results elsewhere (default results/gpu_check)
+#   scripts/gpu_check.sh --cpu-smoke          # the same code at tiny sizes on the CPU (~1 min);
+#                                             # tests/test_gpu_check.py runs it in the default suite
+#
+# (a) pytest -m gpu tests/test_gpu.py (on the CPU with LLADA_GPU_TESTS_ON_CPU=1; the smoke skips
+#     the 2-step SFT, whose entry point tests/test_train.py already runs on the CPU);
+# (b)-(e) scripts/gpu_check.py: attention, training MFU, MoE layer, sampler vs HBM bound, ZeRO
+#     memory. Exit status 0 only if every test and every section succeeded.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+PYTHON=${PYTHON:-python3}
+OUT=results/gpu_check
+SMOKE=()
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --cpu-smoke) SMOKE=(--cpu-smoke); shift ;;
+    --out) OUT=$2; shift 2 ;;
+    *) echo "usage: scripts/gpu_check.sh [--cpu-smoke] [--out DIR]" >&2; exit 2 ;;
+  esac
+done
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1 WANDB_MODE=offline
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+PYTEST_ARGS=(-m gpu tests/test_gpu.py -q -p no:cacheprovider --junitxml "$OUT/gpu_tests.xml")
+if [ ${#SMOKE[@]} -gt 0 ]; then
+  export LLADA_GPU_TESTS_ON_CPU=1 DS_ACCELERATOR=cpu OMP_NUM_THREADS=1
+  PYTEST_ARGS+=(-k "not sft")
+else
+  if ! "$PYTHON" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)"; then
+    echo "no CUDA device visible to torch: use --cpu-smoke" >&2
+    exit 2
+  fi
+  export DS_ACCELERATOR=cuda
+  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
+fi
+start=$(date +%s)
+echo "== (a) GPU tests"
+"$PYTHON" -m pytest "${PYTEST_ARGS[@]}"
+tests_rc=$?
+echo "== (b)-(e) figures"
+"$PYTHON" scripts/gpu_check.py "${SMOKE[@]}" --out "$OUT" --tests-junit "$OUT/gpu_tests.xml"
+check_rc=$?
+echo "== done in $(( $(date +%s) - start )) s: tests rc $tests_rc, figures rc $check_rc; $OUT/gpu_check.md"
+[ $tests_rc -eq 0 ] && [ $check_rc -eq 0 ]
