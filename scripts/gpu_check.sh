@@ -43,7 +43,8 @@ echo "== (a) GPU tests"
 "$PYTHON" -m pytest "${PYTEST_ARGS[@]}"
 tests_rc=$?
 echo "== (b)-(e) figures"
-"$PYTHON" scripts/gpu_check.py "${SMOKE[@]}" --out "$OUT" --tests-junit "$OUT/gpu_tests.xml"
+"$PYTHON" scripts/gpu_check.py "${SMOKE[@]}" --out "$OUT" --tests-junit "$OUT/gpu_tests.xml" \
+  --budget-s "$(( 360 - ($(date +%s) - start) ))"  # no section starts after 6 min in all
 check_rc=$?
 echo "== done in $(( $(date +%s) - start )) s: tests rc $tests_rc, figures rc $check_rc; $OUT/gpu_check.md"
 [ $tests_rc -eq 0 ] && [ $check_rc -eq 0 ]
