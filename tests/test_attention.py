@@ -304,3 +304,17 @@ def test_bf16_model_matches_fp32_within_tolerance():
     diff = (out["bf16"][0] - out["fp32"][0]).abs()
     assert diff.max() < 0.05 and diff.mean() < 0.005, (diff.max(), diff.mean())
     assert abs(out["bf16"][1] - out["fp32"][1]) / out["fp32"][1] < 0.01, out
+
+
+def test_training_config_rejects_an_unknown_backend():
+    from omegaconf import OmegaConf
+
+    from llada_train.config import TrainConfig
+    from llada_train.train import check_config
+
+    cfg = OmegaConf.structured(TrainConfig(model={}))
+    cfg.data.kind = "sft"
+    check_config(cfg, "sft")  # the default passes
+    cfg.attention_backend = "flash"
+    with pytest.raises(ValueError, match="attention_backend='flash'.*auto"):
+        check_config(cfg, "sft")
