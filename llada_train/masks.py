@@ -147,16 +147,16 @@ _BLOCK_MASKS: OrderedDict = OrderedDict()  # (cache_key, device) -> BlockMask, L
 def _build_block_mask(spec: AttentionMask):
     from torch.nn.attention.flex_attention import create_block_mask
 
-    return create_block_mask(
-        spec.mask_mod,
-        spec.batch_size,
-        None,
-        spec.q_len,
-        spec.kv_len,
-        device=spec.device,
-        # compiled construction avoids materialising (B, Lq, Lk) on the GPU; eager elsewhere
-        _compile=spec.device.type == "cuda",
-    )
+    # compiled on CUDA: the eager construction materialises (B, Lq, Lk) booleans per mask
+    build = _compiled_create_block_mask() if spec.device.type == "cuda" else create_block_mask
+    return build(spec.mask_mod, spec.batch_size, None, spec.q_len, spec.kv_len, spec.device)
+
+
+@functools.cache
+def _compiled_create_block_mask():
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    return torch.compile(create_block_mask)
 
 
 def block_diffusion_mask_mod(
