@@ -3,10 +3,10 @@
 Contract:
 - Backends: `sdpa` (`F.scaled_dot_product_attention` with the dense boolean mask; the
   reference, and the CPU default) and `flex` (`torch.nn.attention.flex_attention` with a
-  `BlockMask`: blocks of 128 x 128 scores that the mask rules out are never computed; on the
-  training layout [x_t ; x_0] that is about half of them). `auto` = `flex` on CUDA, `sdpa`
-  elsewhere: on CPU the compiled FlexAttention kernel measured slower than SDPA
-  (BENCHMARKS.md) and has no backward.
+  `BlockMask`: blocks of 128 x 128 scores that the mask rules out are never computed; the
+  training layout [x_t ; x_0] keeps about 1/4 of its scores). `auto` = `flex` on CUDA, `sdpa`
+  elsewhere: on CPU FlexAttention has no backward, and SDPA is faster at the short lengths
+  the CPU runs (BENCHMARKS.md).
 - The model resolves a mask once per forward with `resolve_mask`: an `AttentionMask`
   (`llada_train.masks`) becomes a BlockMask under `flex`, its dense tensor under `sdpa`; a plain
   boolean tensor or None always goes to SDPA (None: full attention, flash kernels on GPU, which

@@ -16,9 +16,10 @@ Contract (facts of the official model code, SPEC section 1):
   (`llada_train.model.attention`); `model.attention_backend` ('auto' = flex on CUDA, sdpa
   elsewhere | 'sdpa' | 'flex') picks the form of an `AttentionMask`; both agree to float
   rounding (tests/test_attention.py).
-- Precision: norms, rotary tables, router logits/scores/combine weights, the weighted sum of
-  expert outputs and the logits are fp32 whatever the parameter dtype (bf16 on GPU), as the
-  official model (`router_dtype: fp32`); matmuls run in the parameter dtype.
+- Precision, as the official model whatever the parameter dtype (bf16 on GPU): router
+  logits, scores and combine weights (`router_dtype: fp32`), the weighted sum of the routed
+  experts' outputs and the returned logits are fp32; RMSNorm and the rotary tables are
+  computed in fp32 and cast back; matmuls run in the parameter dtype.
 - `PrefixKVCache` holds keys/values of a committed prefix (finished blocks); a forward with
   `commit_len = n` appends the keys/values of its first n positions to the cache.
 
