@@ -308,9 +308,10 @@ class SparseMoE(nn.Module):
         y_sorted = self.experts(flat.index_select(0, token_of), offsets)  # (T*K, H)
         w_sorted = topk_w.reshape(-1).index_select(0, order)  # (T*K,) fp32
         # weighted sum in fp32, then the model dtype, as the official code
-        # (`(y * topk_weight).sum(1).to(hidden_states.dtype)`, topk_weight fp32)
+        # (`(y * topk_weight).sum(1).to(hidden_states.dtype)`, topk_weight fp32); the product
+        # promotes to fp32 while autograd keeps the bf16 y_sorted, not an fp32 copy
         y = flat.new_zeros(flat.shape, dtype=torch.float32).index_add_(
-            0, token_of, y_sorted.float() * w_sorted[:, None]
+            0, token_of, y_sorted * w_sorted[:, None]
         )
         y = y.to(flat.dtype)
         self.last_expert_load = load.detach()
