@@ -234,15 +234,18 @@ def test_sampler_decodes_the_same_with_both_backends():
     with torch.no_grad():
         model.lm_head.weight.mul_(8)  # confident: several tokens per forward, edits happen
     prompts = [[5, 6, 7], list(range(10, 21)), [3]]  # different lengths: left padding
-    config = SamplerConfig.from_preset("quality", block_length=4, gen_length=12)
-    outputs = {}
-    for backend in ("sdpa", "flex"):
-        model.attention_backend = backend
-        sampler = Sampler(model, mask_id=63, eos_id=62, config=config)
-        outputs[backend] = sampler.generate(prompts, use_cache=True)
-    assert outputs["flex"].tokens == outputs["sdpa"].tokens
-    assert outputs["flex"].stats.forwards_per_row == outputs["sdpa"].stats.forwards_per_row
-    assert outputs["sdpa"].stats.num_m2t > 0 and len(set(map(len, prompts))) == 3
+    for mbe in (False, True):  # MBE: the bidirectional window mask over a cache view
+        config = SamplerConfig.from_preset(
+            "quality", block_length=4, gen_length=12, multi_block_editing=mbe, mbe_window=2
+        )
+        outputs = {}
+        for backend in ("sdpa", "flex"):
+            model.attention_backend = backend
+            sampler = Sampler(model, mask_id=63, eos_id=62, config=config)
+            outputs[backend] = sampler.generate(prompts, use_cache=True)
+        assert outputs["flex"].tokens == outputs["sdpa"].tokens
+        assert outputs["flex"].stats.forwards_per_row == outputs["sdpa"].stats.forwards_per_row
+        assert outputs["sdpa"].stats.num_m2t > 0 and len(set(map(len, prompts))) == 3
 
 
 # ---------------------------------------------------------------------------- bf16 numerics
