@@ -24,7 +24,6 @@ import sys
 import time
 
 import torch
-import torch.nn.functional as F
 
 from llada_train.masks import training_inputs
 from llada_train.model.attention import attend
@@ -64,8 +63,8 @@ def time_attention(
     gqa = heads != kv_heads
     compiled = torch.compile(flex_attention)
 
-    def sdpa():
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=dense, enable_gqa=gqa)
+    def sdpa():  # the model's SDPA path (on CUDA: key/value heads repeated, see attend)
+        return attend(q, k, v, dense)
 
     def flex():
         if eager_flex:

@@ -68,6 +68,13 @@ def attend(
     """Softmax attention (B, nH, Lq, D) with scale D**-0.5 and grouped key/value heads."""
     gqa = q.shape[1] != k.shape[1]
     if mask is None or isinstance(mask, torch.Tensor):
+        if gqa and mask is not None and q.device.type == "cuda":
+            # with a mask SDPA cannot use flash, and depending on the version its
+            # memory-efficient kernel refuses grouped heads (then: the math fallback, which
+            # materialises every score); repeating the key/value heads keeps the fused kernel
+            group = q.shape[1] // k.shape[1]
+            k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
     return _flex(q, k, v, mask, gqa)
 
