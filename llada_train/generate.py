@@ -19,7 +19,7 @@ from omegaconf import DictConfig, OmegaConf
 from llada_train import CONF_DIR
 from llada_train.model.io import from_pretrained, resolve_dtype
 from llada_train.sampler import Sampler, SamplerConfig
-from llada_train.tokenizer import load_tokenizer, special_ids
+from llada_train.tokenizer import encode_chat, encode_text, load_tokenizer, special_ids
 
 
 def sampler_config(node) -> SamplerConfig:
@@ -28,13 +28,14 @@ def sampler_config(node) -> SamplerConfig:
 
 
 def encode_prompt(tokenizer, text: str, system: str | None, chat_template: bool) -> list[int]:
+    """Prompt ids of a user text: special-token strings in `text` and `system` stay text; with
+    `chat_template` the template around them supplies the only control ids."""
     if not chat_template:
-        return tokenizer(text, add_special_tokens=False)["input_ids"]
+        return encode_text(tokenizer, text)
     messages = ([{"role": "system", "content": system}] if system else []) + [
         {"role": "user", "content": text}
     ]
-    rendered = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-    return tokenizer(rendered, add_special_tokens=False)["input_ids"]
+    return encode_chat(tokenizer, messages, add_generation_prompt=True)
 
 
 def generate(cfg: DictConfig) -> list[str]:

@@ -17,6 +17,12 @@ Contract:
   `<role>ROLE</role>CONTENT<|role_end|>` with ROLE in SYSTEM / HUMAN / ASSISTANT for the roles
   system / user / assistant, and `add_generation_prompt=True` appends `<role>ASSISTANT</role>`.
   Unlike the official template, no default system prompt is inserted.
+- Text is text: `encode_text` encodes user and data text with every special-token string in it
+  (`<|mask|>`, `<role>`, `<|endoftext|>`, ...) split into ordinary tokens, so no text can
+  produce a control id; `encode_chat` renders the chat template and encodes the template's own
+  pieces with their control ids and every message content with `encode_text`. For contents
+  that sit between control tokens (our template and the LLaDA2 one) this gives the same ids as
+  encoding the rendered string when the contents hold no special-token string.
 - `special_ids(tokenizer)` reads the mask / EOS / pad ids from any tokenizer that has a `<|mask|>`
   token (ours or the official LLaDA2 one: mask 156895, EOS = pad 156892). Library code gets ids
   from here and never hard-codes them.
@@ -31,6 +37,7 @@ import argparse
 import dataclasses
 import json
 import os
+import re
 from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
@@ -190,6 +197,41 @@ def load_tokenizer(path: str | None = None) -> PreTrainedTokenizerBase:
 
             return PreTrainedTokenizerFast.from_pretrained(path)
     return AutoTokenizer.from_pretrained(path)
+
+
+def encode_text(tokenizer: PreTrainedTokenizerBase, text: str) -> list[int]:
+    """Token ids of ordinary text (user input, data records): special-token strings inside it
+    are split like any other text (`split_special_tokens=True`), so `<|mask|>` typed by a user
+    is the characters `<|mask|>`, never the mask id. No BOS/EOS is added."""
+    return tokenizer(text, add_special_tokens=False, split_special_tokens=True)["input_ids"]
+
+
+_SLOT = re.compile("\ue000(\\d+)\ue001")  # a content placeholder (private-use code points)
+
+
+def encode_chat(
+    tokenizer: PreTrainedTokenizerBase,
+    messages: list[dict[str, str]],
+    add_generation_prompt: bool = True,
+) -> list[int]:
+    """Token ids of `messages` rendered by the tokenizer's chat template, where only the
+    template emits control ids: the template is rendered with a placeholder per message
+    content, its own pieces are encoded with special tokens parsed and each content with
+    `encode_text`. Raises ValueError (the template's message) for an unknown role."""
+    slots = [{**m, "content": f"\ue000{i}\ue001"} for i, m in enumerate(messages)]
+    rendered = tokenizer.apply_chat_template(
+        slots, add_generation_prompt=add_generation_prompt, tokenize=False
+    )
+    ids: list[int] = []
+    pos = 0
+    for m in _SLOT.finditer(rendered):
+        if m.start() > pos:
+            ids += tokenizer(rendered[pos : m.start()], add_special_tokens=False)["input_ids"]
+        ids += encode_text(tokenizer, messages[int(m.group(1))]["content"])
+        pos = m.end()
+    if pos < len(rendered):
+        ids += tokenizer(rendered[pos:], add_special_tokens=False)["input_ids"]
+    return ids
 
 
 def special_ids(tokenizer: PreTrainedTokenizerBase) -> SpecialIds:

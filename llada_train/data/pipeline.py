@@ -4,6 +4,9 @@ Contract:
 - Sources: local `.jsonl` / `.json` / `.parquet` files (several allowed), or a `datasets` hub
   name / a directory written by `Dataset.save_to_disk`. Every record keeps its origin
   ("file:line" for jsonl) so a bad record is reported where it is.
+- Text is text: record text is encoded by `tokenizer.encode_text` / `encode_chat`, so a
+  special-token string inside a record (`<|mask|>`, `<|endoftext|>`, `<role>`) is ordinary
+  tokens; the mask id is never a target and the only EOS of a response is the appended one.
 - SFT (`messages`): the prompt is every message before the last, rendered by the tokenizer's
   chat template with the generation prompt; the response is the last message (must be the
   assistant's, non-empty) followed by EOS. The example is padded with EOS to a multiple of
@@ -28,7 +31,7 @@ from dataclasses import dataclass
 
 import torch
 
-from llada_train.tokenizer import SpecialIds
+from llada_train.tokenizer import SpecialIds, encode_chat, encode_text
 
 
 @dataclass
@@ -133,11 +136,11 @@ def build_sft_example(
         )
     if not last["content"].strip():
         raise BadRecord(f"{origin}: empty assistant response")
-    prompt = tokenizer.apply_chat_template(
-        messages[:-1], add_generation_prompt=True, tokenize=False
-    )
-    prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
-    response_ids = tokenizer(last["content"], add_special_tokens=False)["input_ids"] + [ids.eos_id]
+    # Text is text: special-token strings in the messages are encoded as ordinary tokens; only
+    # the chat template emits control ids, and the response ends with the one real EOS.
+    prompt_ids = encode_chat(tokenizer, messages[:-1], add_generation_prompt=True)
+    response_ids = encode_text(tokenizer, last["content"]) + [ids.eos_id]
+    assert ids.mask_id not in response_ids, origin  # the mask id is never a training target
     n = len(prompt_ids) + len(response_ids)
     if n > max_length:
         raise BadRecord(
@@ -198,7 +201,8 @@ def load_cpt_examples(data_cfg, tokenizer, ids: SpecialIds) -> tuple[list[Exampl
                 continue
             what = "missing" if text is None else "empty or not a string"
             raise BadRecord(f"{origin}: field '{field}' is {what}")
-        tokens = tokenizer(text, add_special_tokens=False)["input_ids"] + [ids.eos_id]
+        tokens = encode_text(tokenizer, text) + [ids.eos_id]  # special strings stay text
+        assert ids.mask_id not in tokens, origin  # the mask id is never a training target
         stream.extend(tokens)
         docs.extend([doc] * len(tokens))
     n = data_cfg.max_length

@@ -28,6 +28,10 @@ Contract:
   gets the same estimate in any batch, order or run, and the choices of one multiple-choice
   question share their draws (common random numbers: k and the positions coincide for
   continuations of equal length, which lowers the variance of the comparison).
+- Text is text: contexts and continuations are encoded with `tokenizer.encode_text`, so a
+  `<|mask|>` or `<|endoftext|>` inside a request is ordinary tokens; control ids come only from
+  the chat template (ours with `chat_template=True`, or lm-eval's `--apply_chat_template`,
+  whose rendered strings are recognised and encoded with `encode_chat`).
 - Single process (rank 0 of 1): lm-eval's data-parallel sharding is not implemented.
 
 The estimator (Monte Carlo ELBO under the block layout of training, SPEC sections 2 and 6):
@@ -82,7 +86,7 @@ from lm_eval.api.registry import register_model
 
 from llada_train.masks import training_inputs
 from llada_train.sampler import PRESETS, Sampler, SamplerConfig, SampleStats
-from llada_train.tokenizer import load_tokenizer, special_ids
+from llada_train.tokenizer import encode_chat, encode_text, load_tokenizer, special_ids
 
 logger = logging.getLogger(__name__)
 
@@ -213,6 +217,7 @@ class LLaDALM(LM):
         self.seed = int(seed)
         self.last_standard_errors: list[float] = []
         self._warned: set[str] = set()
+        self._chat_ids: dict[str, list[int]] = {}  # apply_chat_template's strings -> their ids
         self.reset_stats()
 
     @staticmethod
@@ -282,22 +287,33 @@ class LLaDALM(LM):
     def apply_chat_template(
         self, chat_history: list[dict[str, str]], add_generation_prompt: bool = True
     ) -> str:
-        """lm-eval's `--apply_chat_template` path (then leave chat_template=False)."""
-        return self.tokenizer.apply_chat_template(
+        """lm-eval's `--apply_chat_template` path (then leave chat_template=False). The ids of
+        the rendered string are remembered, so that special-token strings inside the messages
+        stay text when lm-eval hands the string back as a context."""
+        rendered = self.tokenizer.apply_chat_template(
             chat_history, tokenize=False, add_generation_prompt=add_generation_prompt
         )
+        self._chat_ids[rendered] = encode_chat(self.tokenizer, chat_history, add_generation_prompt)
+        return rendered
 
-    def _render(self, context: str) -> str:
-        """The context as the model sees it: one user turn when chat_template is on (a context
-        lm-eval already rendered, starting with `<role>`, is left as it is)."""
-        if not self.use_chat_template or context.startswith("<role>"):
-            return context
+    def _encode_context(self, context: str) -> tuple[list[int], bool]:
+        """(ids, ends in a chat template) of a context, as the model sees it. Text is text:
+        special-token strings in a context are ordinary tokens; control ids come only from the
+        chat template, ours (one user turn when chat_template is on) or lm-eval's rendering of
+        `apply_chat_template` (recognised by its string, text appended after it stays text)."""
+        if context in self._chat_ids:
+            return self._chat_ids[context], True
+        for rendered, ids in self._chat_ids.items():  # e.g. lm-eval appended a gen_prefix
+            if context.startswith(rendered):
+                return ids + self._encode(context[len(rendered) :]), True
+        if not self.use_chat_template:
+            return self._encode(context), False
         messages = [{"role": "system", "content": self.system}] if self.system else []
         messages.append({"role": "user", "content": context})
-        return self.apply_chat_template(messages, add_generation_prompt=True)
+        return encode_chat(self.tokenizer, messages, add_generation_prompt=True), True
 
     def _encode(self, text: str) -> list[int]:
-        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        return encode_text(self.tokenizer, text) if text else []
 
     # ------------------------------------------------------------------ generation
     def generate_until(self, requests: list, disable_tqdm: bool = False) -> list[str]:
@@ -343,7 +359,7 @@ class LLaDALM(LM):
         return until, gen_length, overrides
 
     def _prompt_tokens(self, context: str, gen_length: int) -> list[int]:
-        tokens = self._encode(self._render(context))
+        tokens = self._encode_context(context)[0]
         budget = max(self.max_length - gen_length, 1)
         if len(tokens) > budget:  # keep the end: the question sits there
             self._warn_once("trunc", f"llada: prompts cut to their last {budget} tokens")
@@ -416,10 +432,12 @@ class LLaDALM(LM):
         spaces = len(context) - len(context.rstrip())
         if spaces:
             context, continuation = context[:-spaces], context[-spaces:] + continuation
-        context = self._render(context) if context else context
-        whole = self._encode(context + continuation)
-        num_context = len(self._encode(context)) if context else 0
-        c, y = whole[:num_context], whole[num_context:]
+        context_ids, is_chat = self._encode_context(context) if context else ([], False)
+        if is_chat:  # the template ends in a control token: nothing merges across it
+            c, y = context_ids, self._encode(continuation)
+        else:
+            whole = self._encode(context + continuation)
+            c, y = whole[: len(context_ids)], whole[len(context_ids) :]
         if len(c) + len(y) > self.max_length:
             self._warn_once("ll_trunc", f"llada: contexts cut to fit {self.max_length} tokens")
             c = c[max(len(c) + len(y) - self.max_length, 0) :]
