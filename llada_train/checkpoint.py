@@ -4,17 +4,24 @@ Layout of `<output_dir>/checkpoints/`:
     step_00000050/            a complete checkpoint (only complete ones carry this name)
         <DeepSpeed files>     model/optimizer/scheduler states of every rank, client state
         hf/                   official-layout safetensors + config.json + tokenizer
-        COMPLETE.json         written last, before the rename: {"step": 50, ...}
+        smoke_generation.json a few prompts decoded at the save (rewritten on resume if missing)
+        COMPLETE.json         written last, before the rename: {"step": 50, "files": {...}}
     step_00000100.partial/    a save in progress (or killed): ignored and removed on restart
+    step_00000050.deleting/   a pruned checkpoint being deleted: ignored and removed on restart
 
 Contract: a checkpoint becomes visible under its final name only by one `os.rename` after every
-rank has finished writing, so a kill at any moment leaves the previous checkpoint usable.
-`resume=auto` picks the highest complete step. keep-last-N prunes older complete checkpoints
-after a new one is complete.
+rank has finished writing and every file of it is fsynced (then COMPLETE.json, fsynced, then the
+rename, then the parent directory fsynced), so a kill or a power loss at any moment leaves the
+previous checkpoint usable. COMPLETE.json lists every file with its size; `resume=auto` picks
+the highest complete step whose files are all there at their recorded size, and falls back to
+the previous complete one with a warning naming both when the latest is damaged (a truncated
+file). keep-last-N prunes older complete checkpoints after a new one is complete, each renamed
+aside first (so no half-deleted directory ever carries a step name), then deleted.
 
 Fault injection for tests (real SIGKILLs of rank 0, set through the environment):
 LLADA_TRAIN_FAULT=kill_in_save:STEP dies in the middle of saving that step (after the DeepSpeed
-files, before completion); LLADA_TRAIN_FAULT=kill_after_step:STEP dies right after that step.
+files, before completion); kill_after_rename:STEP right after the checkpoint is published (before
+its smoke generation); kill_after_step:STEP right after that step.
 """
 
 from __future__ import annotations
@@ -25,13 +32,16 @@ import re
 import shutil
 import signal
 import time
+import warnings
 
 from llada_train.distributed import barrier, layerwise_gather
 from llada_train.model.io import official_state_dict, save_pretrained, whole_units
 
 _STEP_DIR = re.compile(r"^step_(\d{8})$")
 PARTIAL = ".partial"
+DELETING = ".deleting"
 COMPLETE = "COMPLETE.json"
+SMOKE_FILE = "smoke_generation.json"
 
 
 def step_tag(step: int) -> str:
@@ -51,16 +61,58 @@ def complete_checkpoints(ckpt_root: str) -> list[tuple[int, str]]:
     return sorted(found)
 
 
+def damaged_files(path: str) -> list[str]:
+    """Files of a complete checkpoint that are missing or not at the size COMPLETE.json records
+    ("name (expected N bytes, found M)"); [] for an intact one or one without a file list.
+    An unreadable COMPLETE.json counts as damage."""
+    try:
+        with open(os.path.join(path, COMPLETE)) as f:
+            files = json.load(f).get("files", {})
+    except (OSError, ValueError) as e:
+        return [f"{COMPLETE} ({type(e).__name__}: {e})"]
+    bad = []
+    for rel, size in sorted(files.items()):
+        full = os.path.join(path, rel)
+        found = os.path.getsize(full) if os.path.isfile(full) else None
+        if found != size:
+            bad.append(f"{rel} (expected {size} bytes, found {'none' if found is None else found})")
+    return bad
+
+
 def resolve_resume(resume: str, ckpt_root: str) -> str | None:
-    """resume=auto -> latest complete checkpoint or None; none -> None; a path -> that path."""
+    """resume=auto -> the latest intact complete checkpoint or None (a damaged latest one is
+    skipped with a warning naming it and the one used instead); none -> None; a path -> that
+    path, which must be complete and intact (else ValueError naming the damaged files)."""
     if resume in ("none", "", None):
         return None
     if resume == "auto":
-        done = complete_checkpoints(ckpt_root)
-        return done[-1][1] if done else None
+        skipped: list[str] = []
+        for _, path in reversed(complete_checkpoints(ckpt_root)):
+            bad = damaged_files(path)
+            if not bad:
+                if skipped:
+                    warnings.warn(
+                        f"resume=auto: the latest checkpoint {skipped[0]} is damaged; resuming "
+                        f"from {path}, the previous complete one", stacklevel=2,
+                    )  # fmt: skip
+                return path
+            skipped.append(path)
+            warnings.warn(f"checkpoint {path} is damaged: {'; '.join(bad[:3])}", stacklevel=2)
+        if skipped:
+            raise ValueError(
+                f"every checkpoint in {ckpt_root} is damaged ({', '.join(skipped)}); "
+                "pass resume=none to start over or resume=PATH of an intact checkpoint"
+            )
+        return None
     path = os.path.abspath(resume)
     if not os.path.exists(os.path.join(path, COMPLETE)):
         raise ValueError(f"resume={resume}: not a complete checkpoint (no {COMPLETE} inside)")
+    bad = damaged_files(path)
+    if bad:
+        raise ValueError(
+            f"resume={resume}: the checkpoint is damaged ({'; '.join(bad[:3])}); pick another "
+            "checkpoint or resume=auto"
+        )
     return path
 
 
@@ -82,11 +134,42 @@ def resolve_model_dir(path: str) -> str:
 
 
 def remove_partials(ckpt_root: str) -> None:
-    """Drop saves that never completed (a crash or kill during save)."""
+    """Drop saves that never completed (a crash or kill during save) and half-pruned ones."""
     if os.path.isdir(ckpt_root):
         for name in os.listdir(ckpt_root):
-            if name.endswith(PARTIAL):
+            if name.endswith((PARTIAL, DELETING, ".old")):
                 shutil.rmtree(os.path.join(ckpt_root, name), ignore_errors=True)
+
+
+def prune(ckpt_root: str, keep_last: int) -> None:
+    """Delete all but the newest `keep_last` complete checkpoints (0 = keep all): each is first
+    renamed to `<name>.deleting` (atomic; the step name disappears at once), then deleted."""
+    if keep_last <= 0:
+        return
+    for _, old in complete_checkpoints(ckpt_root)[:-keep_last]:
+        aside = old + DELETING
+        shutil.rmtree(aside, ignore_errors=True)
+        os.rename(old, aside)
+        _fsync_dir(ckpt_root)
+        shutil.rmtree(aside, ignore_errors=True)
+
+
+def fsync_tree(path: str) -> dict[str, int]:
+    """fsync every file and directory under `path` (files first); returns {relative path:
+    size in bytes} of the files."""
+    sizes = {}
+    for root, _, files in os.walk(path):
+        for name in files:
+            full = os.path.join(root, name)
+            fd = os.open(full, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            sizes[os.path.relpath(full, path)] = os.path.getsize(full)
+    for root, _, _ in os.walk(path, topdown=False):
+        _fsync_dir(root)
+    return sizes
 
 
 def save_checkpoint(
@@ -120,10 +203,12 @@ def save_checkpoint(
         fault_point("kill_in_save", step)
     barrier()
     if is_main:
+        files = fsync_tree(partial)  # every rank's files are on disk before the marker
         with open(os.path.join(partial, COMPLETE), "w") as f:
-            json.dump({"step": step, "time": time.time()}, f)
+            json.dump({"step": step, "time": time.time(), "files": files}, f)
             f.flush()
             os.fsync(f.fileno())
+        _fsync_dir(partial)
         if os.path.exists(final):  # re-saving a step (e.g. after a resume) replaces it whole;
             aside = final + ".old"  # renamed aside first: a watcher may be writing inside it
             shutil.rmtree(aside, ignore_errors=True)
@@ -131,8 +216,8 @@ def save_checkpoint(
             shutil.rmtree(aside, ignore_errors=True)
         os.rename(partial, final)
         _fsync_dir(ckpt_root)
-        for _, old in complete_checkpoints(ckpt_root)[:-keep_last] if keep_last > 0 else []:
-            shutil.rmtree(old, ignore_errors=True)
+        fault_point("kill_after_rename", step)
+        prune(ckpt_root, keep_last)
     barrier()
     return final
 

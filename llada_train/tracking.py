@@ -2,8 +2,9 @@
 
 Contract: only rank 0 logs. Every logged dict also goes, one JSON line per step, to
 `<run_dir>/metrics.jsonl`, the record tests and scripts read back (W&B offline files are not
-meant to be parsed). On resume, lines of steps after the resumed step are dropped first, so the
-file always describes one uninterrupted history.
+meant to be parsed); tables (`log_table`) go to `<run_dir>/<key>.jsonl` (`samples.jsonl`,
+`rollouts.jsonl`). On resume, lines of steps after the resumed step are dropped from every
+`*.jsonl` of the run dir first, so each file always describes one uninterrupted history.
 """
 
 from __future__ import annotations
@@ -33,7 +34,11 @@ class Tracker:
         if not is_main:
             return
         os.makedirs(run_dir, exist_ok=True)
-        _truncate_after(self.metrics_path, resume_step if resume_step is not None else -1)
+        for name in sorted(os.listdir(run_dir)):  # metrics.jsonl and the table files
+            if name.endswith(".jsonl"):
+                _truncate_after(
+                    os.path.join(run_dir, name), resume_step if resume_step is not None else -1
+                )
         if cfg.mode != "disabled":
             import wandb
 
@@ -93,7 +98,7 @@ def _truncate_after(path: str, step: int) -> None:
     if not os.path.exists(path):
         return
     with open(path) as f:
-        kept = [line for line in f if line.strip() and json.loads(line)["step"] <= step]
+        kept = [line for line in f if line.strip() and json.loads(line).get("step", step) <= step]
     tmp = path + ".tmp"
     with open(tmp, "w") as f:
         f.writelines(kept)

@@ -27,6 +27,7 @@ from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
 from llada_train.checkpoint import (
+    SMOKE_FILE,
     fault_point,
     load_checkpoint,
     remove_partials,
@@ -313,6 +314,10 @@ def train(cfg: DictConfig, task: str) -> str:
         cfg.checkpoint.export_dtype
     ]
     moe_layers = model.moe_layers()
+    if resume_path and not os.path.exists(os.path.join(resume_path, SMOKE_FILE)):
+        write_smoke_generation(  # a kill right after the rename left it out
+            resume_path, start_step, model, tokenizer, ids, cfg, info, prompts, tracker
+        )
     bar = tqdm(
         total=cfg.max_steps, initial=start_step, desc=task, dynamic_ncols=True,
         disable=not (info.is_main and cfg.progress),
@@ -440,6 +445,13 @@ def on_checkpoint(path, step, model, tokenizer, ids, cfg, info, prompts, tracker
         except Exception as e:  # noqa: BLE001 - evaluation must never kill training
             if info.is_main:
                 print(f"[checkpoint {step}] evaluation failed: {type(e).__name__}: {e}", flush=True)
+    write_smoke_generation(path, step, model, tokenizer, ids, cfg, info, prompts, tracker)
+
+
+def write_smoke_generation(path, step, model, tokenizer, ids, cfg, info, prompts, tracker) -> None:
+    """Decode the smoke prompts, log them as a table and write `smoke_generation.json` into the
+    checkpoint `path` (also called on resume when a kill right after the save left it out). A
+    failure is logged and never stops training. A collective under ZeRO-3: every rank enters."""
     try:
         result = smoke_generate(model, tokenizer, ids, cfg, info, prompts)
     except Exception as e:  # noqa: BLE001 - evaluation must never kill training
@@ -456,7 +468,7 @@ def on_checkpoint(path, step, model, tokenizer, ids, cfg, info, prompts, tracker
         for p, t in zip(prompts, texts, strict=False)
     ]
     tracker.log_table("samples", ["prompt", "completion"], rows, step)
-    with open(os.path.join(path, "smoke_generation.json"), "w") as f:
+    with open(os.path.join(path, SMOKE_FILE), "w") as f:
         json.dump(
             {"step": step, "samples": rows, "tpf": stats.tpf, "tokens_per_s": stats.tokens_per_s},
             f,
