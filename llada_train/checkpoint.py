@@ -3,7 +3,8 @@
 Layout of `<output_dir>/checkpoints/`:
     step_00000050/            a complete checkpoint (only complete ones carry this name)
         <DeepSpeed files>     model/optimizer/scheduler states of every rank, client state
-        hf/                   official-layout safetensors + config.json + tokenizer
+        hf/                   official-layout safetensors + config.json + tokenizer, and
+                              llada_train.json (block_length and other decode facts)
         smoke_generation.json a few prompts decoded at the save (rewritten on resume if missing)
         COMPLETE.json         written last, before the rename: {"step": 50, "files": {...}}
     step_00000100.partial/    a save in progress (or killed): ignored and removed on restart
@@ -35,7 +36,12 @@ import time
 import warnings
 
 from llada_train.distributed import barrier, layerwise_gather
-from llada_train.model.io import official_state_dict, save_pretrained, whole_units
+from llada_train.model.io import (
+    official_state_dict,
+    save_pretrained,
+    save_training_facts,
+    whole_units,
+)
 
 _STEP_DIR = re.compile(r"^step_(\d{8})$")
 PARTIAL = ".partial"
@@ -182,8 +188,11 @@ def save_checkpoint(
     export_hf: bool = True,
     export_dtype=None,
     tokenizer=None,
+    facts: dict | None = None,
 ) -> str:
-    """Save DeepSpeed state + HF export of `step` atomically; returns the final path."""
+    """Save DeepSpeed state + HF export of `step` atomically; returns the final path.
+    `facts`: the decode-relevant training facts written next to the export's config.json
+    (`llada_train.json`: block_length, chat_template, ...)."""
     tag = step_tag(step)
     partial_tag = tag + PARTIAL
     partial = os.path.join(ckpt_root, partial_tag)
@@ -196,6 +205,8 @@ def save_checkpoint(
             state = official_state_dict(model, gather=gather)
             hf_dir = os.path.join(partial, "hf")
             save_pretrained(model, hf_dir, dtype=export_dtype, tokenizer=tokenizer, state=state)
+            if facts is not None:
+                save_training_facts(hf_dir, {**facts, "step": step})
         else:
             for _ in whole_units(model, gather):  # take part in the gathers, copy nothing
                 pass

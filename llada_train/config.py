@@ -175,7 +175,7 @@ class RLConfig:
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     sampler: Any = None  # conf/sampler node: the base of rollout and held-out decoding
-    block_length: int = 32
+    block_length: int | None = None  # null = init_from's trained block length (else 32)
     micro_batch_size: int = 8  # sequences per forward in the ELBO passes
     max_steps: int = 20  # rollout batches
     eval_every: int = 5  # held-out reward every N rollout batches (and at the start and end)

@@ -5,7 +5,8 @@
 
 Loads an HF-format directory (ours or an official LLaDA2.x one) and its tokenizer, applies the
 chat template, decodes with the configured preset (conf/sampler/*), streams finished blocks
-and reports the sampler statistics (forwards, TPF, M2T/T2T edits, tokens/s).
+and reports the sampler statistics (forwards, TPF, M2T/T2T edits, tokens/s). `block_length`
+and `chat_template` default to what the model was trained with (its `llada_train.json`).
 """
 
 from __future__ import annotations
@@ -17,14 +18,21 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from llada_train import CONF_DIR
-from llada_train.model.io import from_pretrained, resolve_dtype
+from llada_train.model.io import from_pretrained, resolve_dtype, training_default
 from llada_train.sampler import Sampler, SamplerConfig
 from llada_train.tokenizer import encode_chat, encode_text, load_tokenizer, special_ids
 
 
-def sampler_config(node) -> SamplerConfig:
-    """A conf/sampler node -> SamplerConfig (unknown keys fail with the valid ones listed)."""
-    return SamplerConfig().replace(**OmegaConf.to_container(node, resolve=True))
+def sampler_config(node, model_dir: str | None = None) -> SamplerConfig:
+    """A conf/sampler node -> SamplerConfig (unknown keys fail with the valid ones listed).
+    `block_length: null` takes the block length the model in `model_dir` was trained with (its
+    `llada_train.json`), else 32; an explicit other value warns."""
+    knobs = OmegaConf.to_container(node, resolve=True) if not isinstance(node, dict) else node
+    knobs = dict(knobs)
+    knobs["block_length"] = training_default(
+        "block_length", knobs.get("block_length"), model_dir, SamplerConfig.block_length
+    )
+    return SamplerConfig().replace(**knobs)
 
 
 def encode_prompt(tokenizer, text: str, system: str | None, chat_template: bool) -> list[int]:
@@ -46,8 +54,10 @@ def generate(cfg: DictConfig) -> list[str]:
     tokenizer = load_tokenizer(cfg.tokenizer or cfg.model_dir)
     ids = special_ids(tokenizer)
     texts = list(cfg.prompts) or [cfg.prompt]
-    prompts = [encode_prompt(tokenizer, t, cfg.system, cfg.chat_template) for t in texts]
-    sampler = Sampler(model, ids.mask_id, ids.eos_id, sampler_config(cfg.sampler), device=device)
+    chat = training_default("chat_template", cfg.chat_template, cfg.model_dir, True)
+    prompts = [encode_prompt(tokenizer, t, cfg.system, chat) for t in texts]
+    s_cfg = sampler_config(cfg.sampler, cfg.model_dir)
+    sampler = Sampler(model, ids.mask_id, ids.eos_id, s_cfg, device=device)
     streaming = cfg.stream and len(prompts) == 1
 
     def on_block(row: int, block: int, tokens: list[int]) -> None:

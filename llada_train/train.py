@@ -314,6 +314,10 @@ def train(cfg: DictConfig, task: str) -> str:
         cfg.checkpoint.export_dtype
     ]
     moe_layers = model.moe_layers()
+    facts = {  # written with every export, read back by generate, eval and RL
+        "block_length": cfg.block_length, "chat_template": task == "sft", "task": task,
+        "max_length": cfg.data.max_length,
+    }  # fmt: skip
     if resume_path and not os.path.exists(os.path.join(resume_path, SMOKE_FILE)):
         write_smoke_generation(  # a kill right after the rename left it out
             resume_path, start_step, model, tokenizer, ids, cfg, info, prompts, tracker
@@ -406,7 +410,7 @@ def train(cfg: DictConfig, task: str) -> str:
             }
             path = save_checkpoint(
                 engine, ckpt_root, step + 1, client_state, info.is_main, cfg.checkpoint.keep_last,
-                cfg.checkpoint.export_hf, export_dtype, tokenizer,
+                cfg.checkpoint.export_hf, export_dtype, tokenizer, facts,
             )  # fmt: skip
             on_checkpoint(path, step + 1, model, tokenizer, ids, cfg, info, prompts, tracker)
         if info.is_main:

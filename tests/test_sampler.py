@@ -21,6 +21,7 @@ from omegaconf import OmegaConf
 from omegaconf.errors import ConfigKeyError
 
 from llada_train import CONF_DIR
+from llada_train.generate import sampler_config
 from llada_train.model.modeling import LLaDA2MoeModelLM
 from llada_train.sampler import (
     PRESETS,
@@ -291,11 +292,13 @@ def _preset(name: str) -> dict:
 def test_hydra_presets_match(name):
     with open(os.path.join(CONF_DIR, "sampler", f"{name}.yaml")) as f:
         values = yaml.safe_load(f)
+    assert values.pop("block_length") is None  # null: the model's trained block length
     cfg = SamplerConfig(**values)  # every key is a field
-    assert set(values) == {f for f in SamplerConfig.__dataclass_fields__}
+    assert set(values) | {"block_length"} == {f for f in SamplerConfig.__dataclass_fields__}
     assert (cfg.threshold, cfg.editing_threshold, cfg.max_post_steps) == PRESETS[name]
     assert cfg == SamplerConfig.from_preset(name, **values)
     assert (cfg.block_length, cfg.temperature) == (32, 0.0)
+    assert sampler_config({**values, "block_length": None}) == cfg  # no model dir: 32
     # As a Hydra structured config: the YAML merges onto the schema, overrides work, typos fail.
     schema = OmegaConf.structured(SamplerConfig)
     merged = OmegaConf.merge(schema, values, OmegaConf.from_dotlist(["gen_length=64"]))

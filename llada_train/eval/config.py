@@ -42,7 +42,8 @@ class EvalConfig:
     batch_size: int = 16  # prompts per sampler call
     max_gen_toks: int | None = None  # for tasks that set none; null = sampler.gen_length
     max_length: int | None = None  # context budget in tokens; null = min(config, 4096)
-    chat_template: bool = True  # wrap each context as a user turn (SFT/RL checkpoints)
+    chat_template: bool | None = None  # wrap each context as a user turn; null = as trained
+    # (the checkpoint's llada_train.json: SFT/RL true, CPT false; true when it has none)
     system: str | None = None
     seed: int = 1234  # mask draws of the ELBO, sampling, lm-eval's few-shot and python seeds
     device: str = "auto"
@@ -63,5 +64,8 @@ def as_eval_config(node: DictConfig | dict | None = None) -> DictConfig:
     if node is not None:
         cfg = OmegaConf.merge(cfg, node)
     if cfg.sampler is None:
-        cfg.sampler = dataclasses.asdict(SamplerConfig.from_preset("speed"))
+        cfg.sampler = {
+            **dataclasses.asdict(SamplerConfig.from_preset("speed")),
+            "block_length": None,
+        }
     return cfg

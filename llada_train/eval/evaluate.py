@@ -34,6 +34,7 @@ from llada_train import REPO_ROOT
 from llada_train.checkpoint import COMPLETE
 from llada_train.eval.config import as_eval_config
 from llada_train.generate import sampler_config
+from llada_train.model.io import training_default
 
 logger = logging.getLogger(__name__)
 
@@ -96,11 +97,11 @@ def make_lm(cfg: DictConfig, model_dir: str | None = None, model=None, tokenizer
         tokenizer=tokenizer,
         device=cfg.device,
         dtype=cfg.dtype,
-        sampler_config=sampler_config(cfg.sampler),
+        sampler_config=sampler_config(cfg.sampler, model_dir),
         batch_size=cfg.batch_size,
         mc_samples=cfg.mc_samples,
         mc_batch_size=cfg.mc_batch_size,
-        chat_template=cfg.chat_template,
+        chat_template=training_default("chat_template", cfg.chat_template, model_dir, True),
         system=cfg.system,
         max_gen_toks=cfg.max_gen_toks,
         max_length=cfg.max_length,

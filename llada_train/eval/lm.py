@@ -198,7 +198,15 @@ class LLaDALM(LM):
         self.pretrained = pretrained
         ids = special_ids(tokenizer)
         self.mask_id, self.eos_id = ids.mask_id, ids.eos_id
-        base = sampler_config if sampler_config is not None else SamplerConfig.from_preset(sampler)
+        if sampler_config is None:  # lm-eval's CLI: the trained block length by default
+            from llada_train.model.io import training_default
+
+            block_length = training_default(
+                "block_length", sampler_knobs.pop("block_length", None), pretrained, 32
+            )
+            base = SamplerConfig.from_preset(sampler, block_length=int(block_length))
+        else:
+            base = sampler_config
         self.sampler_config = base.replace(**sampler_knobs) if sampler_knobs else base
         self.sampler = Sampler(model, self.mask_id, self.eos_id, self.sampler_config, self._device)
         self.block_length = self.sampler_config.block_length

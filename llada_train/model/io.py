@@ -11,6 +11,11 @@ Contract:
 - Saving writes into a temporary sibling directory and renames it into place, so a crash never
   leaves a half-written model directory under the final name; shards are written as they fill
   (host memory: one shard).
+- Training facts: a training run writes `llada_train.json` next to `config.json` in every export
+  (`save_training_facts`): the decode-relevant facts of that training, e.g. `block_length` and
+  whether it trained on the chat template. `training_default(key, explicit, model_dir, default)`
+  is how generate, eval and RL pick a setting: the explicit value when given (a warning when it
+  differs from the trained one), else the trained one, else the default.
 - Under ZeRO-3, loading and exporting take a `gather` function and make one decoder layer whole
   at a time, so no rank ever holds the whole model for them.
 """
@@ -23,6 +28,7 @@ import re
 import shutil
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import AbstractContextManager
+from typing import Any
 
 import torch
 from safetensors import safe_open
@@ -31,6 +37,7 @@ from safetensors.torch import save_file
 from llada_train.model.config import LLaDA2MoeConfig
 from llada_train.model.modeling import LLaDA2MoeModelLM
 
+TRAINING_FACTS = "llada_train.json"
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
 _STACKED = re.compile(r"^(model\.layers\.\d+\.mlp\.experts)\.(gate_up_proj|down_proj)$")
@@ -200,6 +207,46 @@ def save_pretrained(
         tokenizer.save_pretrained(tmp)
     _atomic_replace_dir(tmp, out_dir)
     return out_dir
+
+
+def save_training_facts(model_dir: str, facts: dict[str, Any]) -> None:
+    """Write the decode-relevant facts of a training run (block_length, chat_template, ...)
+    as `llada_train.json` into the export `model_dir`."""
+    with open(os.path.join(model_dir, TRAINING_FACTS), "w") as f:
+        json.dump(facts, f, indent=2)
+        f.write("\n")
+
+
+def load_training_facts(model_dir: str | None) -> dict[str, Any]:
+    """The facts `save_training_facts` wrote into `model_dir`; {} when there are none (a model
+    not trained here, e.g. an official release)."""
+    path = os.path.join(model_dir, TRAINING_FACTS) if model_dir else None
+    if not path or not os.path.exists(path):
+        return {}
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, ValueError) as e:
+        raise ValueError(f"{path}: unreadable training facts ({e}); delete the file") from None
+
+
+def training_default(key: str, explicit: Any, model_dir: str | None, default: Any) -> Any:
+    """The value of a decode setting `key` (e.g. block_length) for the model in `model_dir`:
+    `explicit` when not None (with a warning when the model was trained with another value),
+    else the trained value from its `llada_train.json`, else `default`."""
+    import warnings
+
+    trained = load_training_facts(model_dir).get(key)
+    if explicit is None:
+        return default if trained is None else trained
+    if trained is not None and explicit != trained:
+        warnings.warn(
+            f"{key}={explicit} differs from the {key}={trained} the model was trained with "
+            f"({os.path.join(model_dir, TRAINING_FACTS)}); using {explicit}. Leave {key} unset "
+            "to use the trained value.",
+            stacklevel=2,
+        )
+    return explicit
 
 
 def _atomic_replace_dir(tmp: str, final: str) -> None:

@@ -46,6 +46,7 @@ from llada_train.generate import encode_prompt, sampler_config
 from llada_train.losses import micro_batch_loss
 from llada_train.model.attention import BACKENDS
 from llada_train.model.config import LLaDA2MoeConfig
+from llada_train.model.io import training_default
 from llada_train.rl.advantages import group_advantages, zero_variance_fraction
 from llada_train.rl.objectives import (
     OBJECTIVES,
@@ -198,6 +199,7 @@ def check_rl_config(cfg: DictConfig, world_size: int) -> tuple[int, int]:
 
 def rl_train(cfg: DictConfig) -> str:
     cfg.init_from = resolve_model_dir(cfg.init_from)
+    cfg.block_length = training_default("block_length", cfg.block_length, cfg.init_from, 32)
     info = init_distributed()
     per_rank, accumulation = check_rl_config(cfg, info.world_size)
     run_dir = os.path.abspath(cfg.output_dir)
@@ -409,6 +411,7 @@ def rl_train(cfg: DictConfig) -> str:
             path = save_checkpoint(
                 engine, ckpt_root, step + 1, {"step": step + 1}, info.is_main,
                 cfg.checkpoint.keep_last, cfg.checkpoint.export_hf, None, tokenizer,
+                facts={"block_length": cfg.block_length, "chat_template": True, "task": "rl"},
             )  # fmt: skip
             if info.is_main:
                 with open(os.path.join(path, "rl_metrics.json"), "w") as f:
