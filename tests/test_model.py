@@ -12,7 +12,7 @@ from omegaconf import OmegaConf
 
 from llada_train import CONF_DIR
 from llada_train.masks import block_causal_mask
-from llada_train.model.config import LLaDA2MoeConfig
+from llada_train.model.config import OFFICIAL_DEFAULTS, LLaDA2MoeConfig
 from llada_train.model.io import official_shapes, official_state_dict
 from llada_train.model.modeling import (
     LLaDA2MoeModelLM,
@@ -34,7 +34,22 @@ def test_official_config_round_trips_unchanged(name, tmp_path):
     config = LLaDA2MoeConfig.from_json(path)
     assert config.rope_dim == 64 and config.num_experts == 256
     config.to_json(tmp_path / "config.json")
-    assert json.load(open(tmp_path / "config.json")) == original
+    written = json.load(open(tmp_path / "config.json"))
+    # Unchanged, plus use_qk_norm (the architecture's q/k RMSNorm) stated explicitly.
+    assert written == {**original, "use_qk_norm": True}
+
+
+def test_exported_config_has_every_official_key():
+    """A config built from our YAML (no official file read) still writes every key of the
+    official config.json, with the official value for the keys that are not architecture."""
+    official = json.load(open(reference_config_path("mini")))
+    written = tiny_config().to_dict()
+    assert set(official) | {"use_qk_norm"} == set(written) - {"eos_token_id", "mask_token_id"}
+    for key in OFFICIAL_DEFAULTS:
+        if key in official:
+            assert written[key] == official[key], key
+    assert written["rotary_dim"] == tiny_config().rope_dim and written["use_qk_norm"] is True
+    assert LLaDA2MoeConfig.from_dict(written).to_dict() == written  # and it reads back as is
 
 
 @pytest.mark.parametrize("name", ["mini", "flash"])

@@ -20,6 +20,32 @@ from typing import Any
 MODEL_TYPE = "llada2_moe_veomni"
 ARCHITECTURE = "LLaDA2MoeModelLM"
 
+# Keys of the official config.json (../shared/reference/) that this code does not interpret,
+# with the values every released LLaDA2.x config has; written for a config that lacks them, so
+# that every export carries every official key. `use_qk_norm`: the architecture always applies
+# RMSNorm to q and k (query_layernorm / key_layernorm), which readers that check it must see.
+OFFICIAL_DEFAULTS: dict[str, Any] = {
+    "attention_dropout": 0.0,
+    "auto_map": {
+        "AutoConfig": "configuration_llada2_moe.LLaDA2MoeConfig",
+        "AutoModel": "modeling_llada2_moe.LLaDA2MoeModel",
+        "AutoModelForCausalLM": "modeling_llada2_moe.LLaDA2MoeModelLM",
+    },
+    "norm_head": False,
+    "transformers_version": "4.52.3",
+    "use_rmsnorm": True,
+    "use_cache": False,
+    "embedding_dropout": 0.0,
+    "norm_softmax": False,
+    "output_dropout": 0.0,
+    "using_split_qkv_in_self_attention": False,
+    "router_dtype": "fp32",
+    "max_window_layers": 28,
+    "output_router_logits": False,
+    "use_sliding_window": False,
+    "use_qk_norm": True,
+}
+
 
 @dataclass
 class LLaDA2MoeConfig:
@@ -154,12 +180,15 @@ class LLaDA2MoeConfig:
             raise ValueError(f"{path}: {e}") from None
 
     def to_dict(self) -> dict[str, Any]:
+        """The config.json dict: every key of the official config (`OFFICIAL_DEFAULTS` for the
+        ones not set), our fields, then the keys read from a file, unchanged."""
         d = {k: v for k, v in dataclasses.asdict(self).items() if k != "extra"}
-        for k in ("eos_token_id", "mask_token_id", "rotary_dim"):
+        for k in ("eos_token_id", "mask_token_id"):
             if d[k] is None:
                 del d[k]
-        d.update(self.extra)
-        return d
+        if d["rotary_dim"] is None:
+            d["rotary_dim"] = self.rope_dim
+        return {**OFFICIAL_DEFAULTS, **d, **self.extra}
 
     def to_json(self, path: str | os.PathLike) -> None:
         with open(path, "w") as f:
