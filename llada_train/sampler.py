@@ -7,7 +7,8 @@ served. Contract:
   ceil((P + gen_length) / block_length) * block_length tokens, blocks aligned to position 0,
   decoding from block floor(P / block_length). Per block `b` the loop counts `post` iterations
   that start with no mask and breaks when post > max_post_steps; M2T sets every masked position
-  with conf > threshold (strict), or else the single most confident one; T2T sets every
+  with conf > threshold (strict), or else the single most confident one (`torch.topk(k=1)` as
+  the official code, which on an exact tie may pick another position than argmax); T2T sets every
   position of block `b` that was visible at the start of the iteration and is not prompt where
   cand != current and conf > editing_threshold (every iteration; None = no T2T); the block
   ends when an iteration started with no mask and made no edit. Earlier blocks are frozen and
@@ -261,7 +262,8 @@ def joint_threshold_step(
     masked = block == mask_id
     fill = masked & (conf > threshold)  # strict, as the official code
     stuck = masked.any(1) & ~fill.any(1)  # no mask passed: set the single most confident one
-    best = conf.masked_fill(~masked, float("-inf")).argmax(1)  # (N,)
+    # topk(k=1), as the official code: on an exact tie it may pick another index than argmax
+    best = conf.masked_fill(~masked, float("-inf")).topk(1, dim=1).indices[:, 0]  # (N,)
     fill |= stuck[:, None] & (torch.arange(block.shape[1], device=block.device) == best[:, None])
     if editing_threshold is None:
         edit = torch.zeros_like(masked)

@@ -27,6 +27,7 @@ from llada_train.sampler import (
     PRESETS,
     Sampler,
     SamplerConfig,
+    joint_threshold_step,
     sample_candidates,
 )
 from tests.conftest import tiny_config
@@ -84,19 +85,19 @@ def scripted(rule, **cfg) -> tuple[Sampler, ScriptedLM]:
 # ---------------------------------------------------------------------------- M2T
 def test_threshold_is_strict_and_fallback_fills_one():
     # Every position: tokens 10 and 11 tie, conf = 0.5 exactly. Threshold 0.5: nothing passes,
-    # so each forward sets one token (the first most confident); 4 fills + 1 confirmation.
+    # so each forward sets one token (the one torch.topk(k=1) picks among the tied masks, as
+    # the official code); 4 fills + 1 confirmation.
     tie = lambda call, toks: {p: {10: 0.0, 11: 0.0} for p in range(len(toks))}  # noqa: E731
     sampler, fake = scripted(tie, threshold=0.5, editing_threshold=None, gen_length=4)
     out = sampler.generate([[1, 2, 3, 4]])
     assert out.tokens == [[10, 10, 10, 10]]
     assert out.stats.forwards_per_row == [5]
-    assert [c[0, 4:].tolist() for c in fake.calls] == [
-        [M, M, M, M],
-        [10, M, M, M],
-        [10, 10, M, M],
-        [10, 10, 10, M],
-        [10, 10, 10, 10],
-    ]
+    expected, block = [], [M, M, M, M]
+    for _ in range(4):
+        expected.append(list(block))
+        conf = torch.tensor([0.5 if t == M else float("-inf") for t in block])
+        block[int(conf.topk(1).indices[0])] = 10
+    assert [c[0, 4:].tolist() for c in fake.calls] == [*expected, [10, 10, 10, 10]]
     # Just below 0.5 every mask passes at once: 1 forward + 1 confirmation.
     sampler, _ = scripted(tie, threshold=0.4999, editing_threshold=None, gen_length=4)
     out = sampler.generate([[1, 2, 3, 4]])
@@ -414,3 +415,23 @@ def test_eos_rows_leave_the_cached_batch(tiny_model, prompts):
     lengths = cached.stats.tokens_per_row
     assert min(lengths) < 32 and all(t[-1] == eos for t in cached.tokens if len(t) < 32)
     assert len(set(cached.stats.forwards_per_row)) > 1  # rows really stopped at different times
+
+
+def test_no_mask_above_threshold_picks_what_topk_picks_on_a_tied_row():
+    """The official decoding sets `topk(k=1)` of the masked confidences when none clears the
+    threshold; on an exact tie torch.topk and argmax can disagree, and ours must follow topk."""
+    block = torch.full((2, 8), M)  # (N, bl) all masked
+    block[1, 5] = 7  # row 1: position 5 visible (never a fill, even with the top confidence)
+    conf = torch.tensor([[0.3, 0.3, 0.1, 0.1, 0.1, 0.1, 0.1, 0.1],
+                         [0.1, 0.1, 0.1, 0.1, 0.2, 0.9, 0.1, 0.2]])  # fmt: skip
+    cand = torch.arange(16).view(2, 8) + 10
+    new, fill, edit = joint_threshold_step(
+        block, cand, conf, torch.ones_like(block, dtype=torch.bool), M, 0.5, None
+    )
+    masked_conf = conf.masked_fill(block != M, float("-inf"))
+    official = masked_conf.topk(1, dim=1).indices[:, 0]
+    assert official[0] != masked_conf[0].argmax(), "row 0 no longer tells topk from argmax"
+    for row in range(2):
+        assert fill[row].nonzero().flatten().tolist() == [int(official[row])]
+        assert new[row, official[row]] == cand[row, official[row]]
+    assert not edit.any()
