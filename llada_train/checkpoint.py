@@ -36,6 +36,7 @@ import time
 import warnings
 
 from llada_train.distributed import barrier, layerwise_gather
+from llada_train.errors import disk_full_message
 from llada_train.model.io import (
     official_state_dict,
     save_pretrained,
@@ -93,17 +94,20 @@ def resolve_resume(resume: str, ckpt_root: str) -> str | None:
         return None
     if resume == "auto":
         skipped: list[str] = []
+        reasons = ""  # what is wrong with the latest one
         for _, path in reversed(complete_checkpoints(ckpt_root)):
             bad = damaged_files(path)
             if not bad:
                 if skipped:
                     warnings.warn(
-                        f"resume=auto: the latest checkpoint {skipped[0]} is damaged; resuming "
-                        f"from {path}, the previous complete one", stacklevel=2,
-                    )  # fmt: skip
+                        f"resume=auto: the latest checkpoint {skipped[0]} is damaged "
+                        f"({reasons}); resuming from {path}, the previous complete one",
+                        stacklevel=2,
+                    )
                 return path
+            if not skipped:
+                reasons = "; ".join(bad[:3])
             skipped.append(path)
-            warnings.warn(f"checkpoint {path} is damaged: {'; '.join(bad[:3])}", stacklevel=2)
         if skipped:
             raise ValueError(
                 f"every checkpoint in {ckpt_root} is damaged ({', '.join(skipped)}); "
@@ -192,24 +196,24 @@ def save_checkpoint(
 ) -> str:
     """Save DeepSpeed state + HF export of `step` atomically; returns the final path.
     `facts`: the decode-relevant training facts written next to the export's config.json
-    (`llada_train.json`: block_length, chat_template, ...)."""
+    (`llada_train.json`: block_length, chat_template, ...). A full disk (or file-size limit)
+    while writing raises a ValueError naming the path and the free space; the partial save is
+    removed and the previous checkpoints stay intact."""
     tag = step_tag(step)
-    partial_tag = tag + PARTIAL
-    partial = os.path.join(ckpt_root, partial_tag)
+    partial = os.path.join(ckpt_root, tag + PARTIAL)
     final = os.path.join(ckpt_root, tag)
-    engine.save_checkpoint(ckpt_root, tag=partial_tag, client_state=client_state, save_latest=False)
-    if export_hf:  # under ZeRO-3 one decoder layer at a time is gathered, on every rank
-        model = engine.module
-        gather = layerwise_gather(model)
-        if is_main:
-            state = official_state_dict(model, gather=gather)
-            hf_dir = os.path.join(partial, "hf")
-            save_pretrained(model, hf_dir, dtype=export_dtype, tokenizer=tokenizer, state=state)
-            if facts is not None:
-                save_training_facts(hf_dir, {**facts, "step": step})
-        else:
-            for _ in whole_units(model, gather):  # take part in the gathers, copy nothing
-                pass
+    try:
+        _write_partial(engine, ckpt_root, partial, client_state, is_main, export_hf,
+                       export_dtype, tokenizer, facts, step)  # fmt: skip
+    except (OSError, RuntimeError) as e:
+        message = disk_full_message(e, partial)
+        if message is None:
+            raise
+        shutil.rmtree(partial, ignore_errors=True)  # give the space back
+        raise ValueError(
+            f"step {step}: saving the checkpoint failed: {message}; the previous checkpoints in "
+            f"{ckpt_root} are intact"
+        ) from e
     if is_main:
         fault_point("kill_in_save", step)
     barrier()
@@ -231,6 +235,26 @@ def save_checkpoint(
         prune(ckpt_root, keep_last)
     barrier()
     return final
+
+
+def _write_partial(engine, ckpt_root, partial, client_state, is_main, export_hf, export_dtype,
+                   tokenizer, facts, step) -> None:  # fmt: skip
+    """The DeepSpeed files (every rank) and the HF export (rank 0) of one save, into `partial`."""
+    engine.save_checkpoint(
+        ckpt_root, tag=os.path.basename(partial), client_state=client_state, save_latest=False
+    )
+    if export_hf:  # under ZeRO-3 one decoder layer at a time is gathered, on every rank
+        model = engine.module
+        gather = layerwise_gather(model)
+        if is_main:
+            state = official_state_dict(model, gather=gather)
+            hf_dir = os.path.join(partial, "hf")
+            save_pretrained(model, hf_dir, dtype=export_dtype, tokenizer=tokenizer, state=state)
+            if facts is not None:
+                save_training_facts(hf_dir, {**facts, "step": step})
+        else:
+            for _ in whole_units(model, gather):  # take part in the gathers, copy nothing
+                pass
 
 
 def _fsync_dir(path: str) -> None:

@@ -18,7 +18,9 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from llada_train import CONF_DIR
-from llada_train.model.io import from_pretrained, resolve_dtype, training_default
+from llada_train.errors import user_errors
+from llada_train.model.config import LLaDA2MoeConfig
+from llada_train.model.io import check_checkpoint, from_pretrained, resolve_dtype, training_default
 from llada_train.sampler import Sampler, SamplerConfig
 from llada_train.tokenizer import encode_chat, encode_text, load_tokenizer, special_ids
 
@@ -47,16 +49,34 @@ def encode_prompt(tokenizer, text: str, system: str | None, chat_template: bool)
 
 
 def generate(cfg: DictConfig) -> list[str]:
+    """Decode `prompt` (or `prompts`) with the model of `model_dir`; returns the answers.
+    Bad input (an empty prompt, one longer than the model's positions, broken weight or
+    tokenizer files) fails with a ValueError before the weights are loaded."""
     device = torch.device(
         ("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device
     )
-    model = from_pretrained(cfg.model_dir, device=device, dtype=resolve_dtype(cfg.dtype, device))
+    texts = list(cfg.prompts) or [cfg.prompt]
+    for i, text in enumerate(texts):
+        if not isinstance(text, str) or not text.strip():
+            where = f"prompts[{i}]" if cfg.prompts else "prompt"
+            raise ValueError(
+                f'{where} is empty: pass the text to answer, e.g. prompt="What is 2+3?"'
+            )
+    config = LLaDA2MoeConfig.from_json(cfg.model_dir)
+    check_checkpoint(cfg.model_dir, config)
     tokenizer = load_tokenizer(cfg.tokenizer or cfg.model_dir)
     ids = special_ids(tokenizer)
-    texts = list(cfg.prompts) or [cfg.prompt]
     chat = training_default("chat_template", cfg.chat_template, cfg.model_dir, True)
     prompts = [encode_prompt(tokenizer, t, cfg.system, chat) for t in texts]
     s_cfg = sampler_config(cfg.sampler, cfg.model_dir)
+    for text, prompt in zip(texts, prompts, strict=True):
+        if len(prompt) + s_cfg.gen_length > config.max_position_embeddings:
+            raise ValueError(
+                f"prompt {text[:40]!r}... is {len(prompt)} tokens; with sampler.gen_length="
+                f"{s_cfg.gen_length} that exceeds the model's max_position_embeddings="
+                f"{config.max_position_embeddings}: shorten the prompt or lower sampler.gen_length"
+            )
+    model = from_pretrained(cfg.model_dir, device=device, dtype=resolve_dtype(cfg.dtype, device))
     sampler = Sampler(model, ids.mask_id, ids.eos_id, s_cfg, device=device)
     streaming = cfg.stream and len(prompts) == 1
 
@@ -81,6 +101,7 @@ def generate(cfg: DictConfig) -> list[str]:
 
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="generate")
+@user_errors
 def main(cfg: DictConfig) -> None:
     generate(cfg)
 

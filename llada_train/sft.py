@@ -13,12 +13,14 @@ from omegaconf import DictConfig
 
 from llada_train import CONF_DIR
 from llada_train.config import register_configs
+from llada_train.errors import user_errors
 from llada_train.train import train
 
 register_configs()
 
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="sft")
+@user_errors
 def main(cfg: DictConfig) -> None:
     train(cfg, task="sft")
 

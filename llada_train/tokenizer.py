@@ -69,6 +69,8 @@ CHAT_TEMPLATE = (
     "{%- if add_generation_prompt -%}{{- '<role>ASSISTANT</role>' -}}{%- endif -%}"
 )
 
+# Files that make a folder a tokenizer: fast (tokenizer.json), sentencepiece, or BPE files.
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
 SHIPPED_CORPUS = ("shipped/cpt.jsonl", "shipped/sft_train.jsonl")  # relative to DATA_DIR
 
 
@@ -185,6 +187,13 @@ def load_tokenizer(path: str | None = None) -> PreTrainedTokenizerBase:
         raise ValueError(
             f"Tokenizer path {path!r} does not exist. Pass the folder of a saved HF tokenizer (or "
             "of a model), or rebuild the shipped one with `python -m llada_train.tokenizer`."
+        )
+    if os.path.isdir(path) and not any(
+        os.path.exists(os.path.join(path, name)) for name in TOKENIZER_FILES
+    ):
+        raise ValueError(
+            f"{path}: no tokenizer files (any of {', '.join(TOKENIZER_FILES)}); copy the "
+            "tokenizer of the model this directory came from into it, or pass tokenizer=DIR"
         )
     tok_config = os.path.join(path, "tokenizer_config.json")
     if os.path.exists(tok_config) and os.path.exists(os.path.join(path, "tokenizer.json")):

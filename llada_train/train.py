@@ -55,6 +55,7 @@ from llada_train.distributed import (
     resolve_precision,
     world_size_from_env,
 )
+from llada_train.errors import check_known_keys, check_writable
 from llada_train.losses import (
     diffusion_loss,
     expert_bias_update,
@@ -67,7 +68,7 @@ from llada_train.model.attention import BACKENDS
 from llada_train.model.config import LLaDA2MoeConfig
 from llada_train.model.init import model_config_from_node
 from llada_train.model.init import resolve_tokenizer as resolve_tokenizer_spec
-from llada_train.model.io import load_official_weights
+from llada_train.model.io import check_checkpoint, load_official_weights
 from llada_train.model.modeling import LLaDA2MoeModelLM
 from llada_train.tokenizer import SpecialIds, load_tokenizer, special_ids
 from llada_train.tracking import Tracker
@@ -141,6 +142,13 @@ def check_config(cfg: DictConfig, task: str) -> None:
         raise ValueError("max_steps, micro_batch_size and block_length must be positive")
     if cfg.attention_backend not in BACKENDS:
         raise ValueError(f"attention_backend={cfg.attention_backend!r}: choose one of {BACKENDS}")
+    if cfg.data.max_length % cfg.block_length:
+        fit = max(cfg.block_length, cfg.data.max_length // cfg.block_length * cfg.block_length)
+        raise ValueError(
+            f"data.max_length={cfg.data.max_length} is not a multiple of block_length="
+            f"{cfg.block_length}: examples are padded (SFT) or cut (CPT) to whole blocks, so they "
+            f"would exceed it; set data.max_length={fit} or another multiple"
+        )
 
 
 def dry_run(cfg: DictConfig, task: str) -> None:
@@ -252,17 +260,23 @@ def smoke_prompts(tokenizer, task: str, examples) -> list[list[int]]:
 
 # ---------------------------------------------------------------------------- the loop
 def train(cfg: DictConfig, task: str) -> str:
-    """Run CPT or SFT as configured; returns the output directory."""
+    """Run CPT or SFT as configured; returns the output directory. Bad input (config keys and
+    values, data, init_from files, an unwritable output_dir) fails with a ValueError before the
+    model is built."""
+    check_known_keys(cfg)
     check_config(cfg, task)
     if cfg.dry_run:
         dry_run(cfg, task)
         return cfg.output_dir
-    info = init_distributed()
     run_dir = os.path.abspath(cfg.output_dir)
     ckpt_root = os.path.join(run_dir, "checkpoints")
+    check_writable(ckpt_root, "checkpoint directory")  # at launch, not at the first save
+    info = init_distributed()
     tokenizer = resolve_tokenizer(cfg)
     ids = special_ids(tokenizer)
     config = resolve_model_config(cfg, tokenizer)
+    if cfg.init_from:
+        check_checkpoint(cfg.init_from, config)  # whole shards, names and shapes
     precision = resolve_precision(cfg.precision, info.device)
 
     if task == "sft":

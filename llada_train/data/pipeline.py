@@ -77,33 +77,67 @@ def read_records(files: list[str], hub_dataset: str | None = None, hub_split: st
     for path in files:
         if not os.path.exists(path):
             raise ValueError(f"data file not found: {path}")
-        if path.endswith(".jsonl"):
-            with open(path) as f:
-                for lineno, line in enumerate(f, 1):
-                    if not line.strip():
-                        continue
-                    try:
-                        rec = json.loads(line)
-                    except json.JSONDecodeError as e:
-                        raise BadRecord(f"{path}:{lineno}: invalid JSON ({e.msg})") from None
-                    yield rec, f"{path}:{lineno}"
-        elif path.endswith(".json"):
-            with open(path) as f:
-                try:
-                    recs = json.load(f)
-                except json.JSONDecodeError as e:
-                    raise BadRecord(f"{path}:{e.lineno}: invalid JSON ({e.msg})") from None
-            if not isinstance(recs, list):
-                raise BadRecord(f"{path}: expected a JSON list of records")
-            for i, rec in enumerate(recs):
-                yield rec, f"{path}[{i}]"
-        elif path.endswith(".parquet"):
-            import datasets
-
-            for i, rec in enumerate(datasets.Dataset.from_parquet(path)):
-                yield rec, f"{path} row {i}"
-        else:
+        if not path.endswith((".jsonl", ".json", ".parquet")):
             raise ValueError(f"{path}: unsupported data file type (use .jsonl, .json or .parquet)")
+        count = 0
+        for rec, origin in _read_file(path):
+            count += 1
+            yield rec, origin
+        if count == 0:
+            raise ValueError(f"{path}: no records (the file is empty); remove it from the list")
+
+
+def _text_line(raw: bytes, path: str, lineno: int | None) -> str:
+    """Decode UTF-8 or name the place: a BadRecord with file, line and byte column."""
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        where = f"{path}:{lineno}" if lineno is not None else path
+        raise BadRecord(
+            f"{where}: not UTF-8 text (byte 0x{raw[e.start]:02x} at column {e.start + 1}); "
+            "re-save the file as UTF-8"
+        ) from None
+
+
+def _read_file(path: str) -> Iterator[tuple[dict, str]]:
+    if path.endswith(".jsonl"):
+        with open(path, "rb") as f:
+            for lineno, raw in enumerate(f, 1):
+                line = _text_line(raw, path, lineno)
+                if not line.strip():
+                    continue
+                try:
+                    rec = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise BadRecord(f"{path}:{lineno}: invalid JSON ({e.msg})") from None
+                yield rec, f"{path}:{lineno}"
+    elif path.endswith(".json"):
+        with open(path, "rb") as f:
+            raw = f.read()
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            lineno = raw[: e.start].count(b"\n") + 1
+            column = e.start - raw.rfind(b"\n", 0, e.start)
+            raise BadRecord(
+                f"{path}:{lineno}: not UTF-8 text (byte 0x{raw[e.start]:02x} at column "
+                f"{column}); re-save the file as UTF-8"
+            ) from None
+        if not text.strip():
+            return
+        try:
+            recs = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise BadRecord(f"{path}:{e.lineno}: invalid JSON ({e.msg})") from None
+        if not isinstance(recs, list):
+            raise BadRecord(f"{path}: expected a JSON list of records")
+        for i, rec in enumerate(recs):
+            yield rec, f"{path}[{i}]"
+    else:
+        import datasets
+
+        for i, rec in enumerate(datasets.Dataset.from_parquet(path)):
+            yield rec, f"{path} row {i}"
 
 
 # ---------------------------------------------------------------------------- SFT

@@ -37,8 +37,14 @@ from omegaconf import DictConfig, OmegaConf
 
 from llada_train import CONF_DIR
 from llada_train.config import TrackingConfig
+from llada_train.errors import check_known_keys, user_errors
 from llada_train.eval.config import register_eval_schema
-from llada_train.eval.evaluate import evaluate_checkpoint, resolve_target, results_path
+from llada_train.eval.evaluate import (
+    check_tasks,
+    evaluate_checkpoint,
+    resolve_target,
+    results_path,
+)
 
 logger = logging.getLogger("llada_train.eval")
 
@@ -65,8 +71,10 @@ def make_tracker(cfg: DictConfig, tracking_dir: str, run_name: str):
 
 
 def run(cfg: DictConfig) -> dict[str, Any] | list[dict[str, Any]]:
+    check_known_keys(cfg)
     if (cfg.model_dir is None) == (cfg.watch is None):
         raise ValueError("set exactly one of model_dir=DIR (evaluate once) or watch=RUN_DIR")
+    check_tasks(list(cfg.tasks), cfg.include_path, cfg.include_defaults)  # before any model
     # SIGTERM -> SystemExit, so `finally` closes the W&B run; a plain kill would skip that.
     signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     if cfg.watch is not None:
@@ -116,6 +124,7 @@ def run(cfg: DictConfig) -> dict[str, Any] | list[dict[str, Any]]:
 
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="eval")
+@user_errors
 def main(cfg: DictConfig) -> None:
     run(cfg)
 

@@ -87,6 +87,26 @@ def build_task_manager(tasks: list[str], include_path: str | None, include_defau
     return TaskManager(include_path=path, include_defaults=include_defaults)
 
 
+def check_tasks(tasks: list[str], include_path: str | None, include_defaults: bool | None):
+    """The task manager of `tasks`, or a ValueError listing the valid task names when one is
+    unknown (checked before any model is loaded)."""
+    if not tasks:
+        raise ValueError("tasks is empty: name at least one, e.g. tasks=[llada_arith_gen]")
+    manager = build_task_manager(tasks, include_path, include_defaults)
+    known = set(manager.all_tasks) | set(manager.all_groups) | set(manager.all_tags)
+    unknown = [t for t in tasks if t not in known]
+    if unknown:
+        from lm_eval.tasks import TaskManager
+
+        path = os.path.abspath(include_path or TASKS_DIR)
+        ours = sorted(TaskManager(include_path=path, include_defaults=False).all_tasks)
+        raise ValueError(
+            f"unknown eval task(s) {unknown}; the tasks of {path}: {ours}; lm-eval's own tasks: "
+            "`lm_eval --tasks list`"
+        )
+    return manager
+
+
 def make_lm(cfg: DictConfig, model_dir: str | None = None, model=None, tokenizer=None):
     """The `llada` lm-eval model of `cfg` (its sampler node and ELBO settings)."""
     from llada_train.eval.lm import LLaDALM  # imports lm_eval (slow): only when evaluating
@@ -123,7 +143,7 @@ def run_lm_eval(lm, cfg: DictConfig) -> dict[str, Any]:
 
     tasks = list(cfg.tasks)
     start = time.perf_counter()
-    task_manager = build_task_manager(tasks, cfg.include_path, cfg.include_defaults)
+    task_manager = check_tasks(tasks, cfg.include_path, cfg.include_defaults)
     gen_kwargs = OmegaConf.to_container(cfg.gen_kwargs) if cfg.gen_kwargs else None
     raw = lm_eval.simple_evaluate(
         model=lm,

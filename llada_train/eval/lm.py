@@ -184,9 +184,10 @@ class LLaDALM(LM):
         if model is None:
             from llada_train.model.io import from_pretrained, resolve_dtype  # heavy: on load
 
+            if isinstance(tokenizer or pretrained, str):  # tokenizer files checked first
+                tokenizer = load_tokenizer(tokenizer or pretrained)
             dev = _resolve_device(device)
             model = from_pretrained(pretrained, device=dev, dtype=resolve_dtype(dtype, dev))
-            tokenizer = tokenizer or pretrained
         elif tokenizer is None:
             raise ValueError("an in-memory model needs its tokenizer (tokenizer=...)")
         if isinstance(tokenizer, str):

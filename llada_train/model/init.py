@@ -15,6 +15,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from llada_train import CONF_DIR, DEFAULT_TOKENIZER_DIR
+from llada_train.errors import user_errors
 from llada_train.model.config import LLaDA2MoeConfig
 from llada_train.model.io import save_pretrained
 from llada_train.model.modeling import LLaDA2MoeModelLM
@@ -67,6 +68,7 @@ def init_model_dir(cfg: DictConfig) -> str:
 
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="init")
+@user_errors
 def main(cfg: DictConfig) -> None:
     init_model_dir(cfg)
 

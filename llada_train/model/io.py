@@ -279,11 +279,41 @@ def _shard_files(model_dir: str) -> list[str]:
     return [os.path.join(model_dir, f) for f in files]
 
 
+def check_shard_file(path: str) -> None:
+    """ValueError naming `path` when it is not a whole safetensors file: the 8-byte header
+    length, the JSON header, and a file size equal to header + the largest tensor end offset
+    (a truncated copy or download fails here, before any weight is read)."""
+
+    def bad(why: str) -> ValueError:
+        return ValueError(
+            f"{path}: not a complete safetensors file ({why}); the file is truncated or corrupt, "
+            "copy or export it again"
+        )
+
+    size = os.path.getsize(path)
+    with open(path, "rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            raise bad(f"{size} bytes, no header")
+        header_len = int.from_bytes(head, "little")
+        if header_len > size - 8:
+            raise bad(f"header of {header_len} bytes in a file of {size}")
+        try:
+            header = json.loads(f.read(header_len))
+        except ValueError:
+            raise bad("unreadable header") from None
+    ends = [v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"]
+    expected = 8 + header_len + max(ends, default=0)
+    if size != expected:
+        raise bad(f"{size} bytes, the header describes {expected}")
+
+
 def check_checkpoint(model_dir: str, config: LLaDA2MoeConfig) -> dict[str, str]:
     """Compare shard headers with the official shapes; return {name: shard path}."""
     expected = official_shapes(config)
     found: dict[str, tuple[tuple[int, ...], str]] = {}
     for path in _shard_files(model_dir):
+        check_shard_file(path)
         with safe_open(path, framework="pt") as f:
             for name in f.keys():
                 found[name] = (tuple(f.get_slice(name).get_shape()), path)
@@ -376,6 +406,7 @@ def from_pretrained(
     """Build the model of `model_dir/config.json` on `device` and load its weights."""
     model_dir = os.fspath(model_dir)
     config = LLaDA2MoeConfig.from_json(model_dir)
+    check_checkpoint(model_dir, config)  # names, shapes, whole files: before any allocation
     with torch.device("meta"):
         model = LLaDA2MoeModelLM(config)
     model = model.to_empty(device=device)

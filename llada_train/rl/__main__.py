@@ -10,11 +10,13 @@ from omegaconf import DictConfig
 
 from llada_train import CONF_DIR
 from llada_train.config import register_configs
+from llada_train.errors import user_errors
 
 register_configs("rl")
 
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="rl")
+@user_errors
 def main(cfg: DictConfig) -> None:
     from llada_train.rl.loop import rl_train
 

@@ -42,11 +42,12 @@ from llada_train.distributed import (
     init_distributed,
     resolve_precision,
 )
+from llada_train.errors import check_known_keys, check_writable
 from llada_train.generate import encode_prompt, sampler_config
 from llada_train.losses import micro_batch_loss
 from llada_train.model.attention import BACKENDS
 from llada_train.model.config import LLaDA2MoeConfig
-from llada_train.model.io import training_default
+from llada_train.model.io import check_checkpoint, training_default
 from llada_train.rl.advantages import group_advantages, zero_variance_fraction
 from llada_train.rl.objectives import (
     OBJECTIVES,
@@ -64,9 +65,15 @@ from llada_train.train import build_model
 
 # ---------------------------------------------------------------------------- data
 def load_prompts(
-    files: list[str], cfg: DictConfig, tokenizer, limit: int | None = None
+    files: list[str],
+    cfg: DictConfig,
+    tokenizer,
+    limit: int | None = None,
+    max_positions: int | None = None,
 ) -> list[dict]:
-    """Records with `prompt_ids` added (chat template applied); errors name file and line."""
+    """Records with `prompt_ids` added (chat template applied); errors name file and line. A
+    prompt whose tokens + rollout.gen_length exceed `max_positions` (the model's
+    max_position_embeddings) is a BadRecord."""
     from llada_train.data.pipeline import BadRecord, read_records
 
     records = []
@@ -77,13 +84,15 @@ def load_prompts(
         reward = cfg.data.reward or rec.get("reward")
         if reward is None:
             raise BadRecord(f"{origin}: no 'reward' field and data.reward is not set")
-        records.append(
-            {
-                **rec,
-                "reward": reward,
-                "prompt_ids": encode_prompt(tokenizer, prompt, cfg.data.system, True),
-            }
-        )
+        prompt_ids = encode_prompt(tokenizer, prompt, cfg.data.system, True)
+        total = len(prompt_ids) + cfg.rollout.gen_length
+        if max_positions is not None and total > max_positions:
+            raise BadRecord(
+                f"{origin}: prompt of {len(prompt_ids)} tokens + rollout.gen_length="
+                f"{cfg.rollout.gen_length} exceed the model's max_position_embeddings="
+                f"{max_positions}; shorten the prompt or lower rollout.gen_length"
+            )
+        records.append({**rec, "reward": reward, "prompt_ids": prompt_ids})
         if limit is not None and len(records) >= limit:
             break
     if not records:
@@ -198,18 +207,25 @@ def check_rl_config(cfg: DictConfig, world_size: int) -> tuple[int, int]:
 
 
 def rl_train(cfg: DictConfig) -> str:
+    """Run EBPO/GRPO as configured; returns the output directory. Bad input (config keys and
+    values, prompt files, init_from files, an unwritable output_dir) fails with a ValueError
+    before the model is built."""
+    check_known_keys(cfg)
     cfg.init_from = resolve_model_dir(cfg.init_from)
     cfg.block_length = training_default("block_length", cfg.block_length, cfg.init_from, 32)
-    info = init_distributed()
-    per_rank, accumulation = check_rl_config(cfg, info.world_size)
     run_dir = os.path.abspath(cfg.output_dir)
     ckpt_root = os.path.join(run_dir, "checkpoints")
+    check_writable(ckpt_root, "checkpoint directory")  # at launch, not at the first save
+    info = init_distributed()
+    per_rank, accumulation = check_rl_config(cfg, info.world_size)
     tokenizer = load_tokenizer(cfg.tokenizer or cfg.init_from)
     ids = special_ids(tokenizer)
     config = LLaDA2MoeConfig.from_json(cfg.init_from)
-    train_records = load_prompts(cfg.data.train_files, cfg, tokenizer)
+    check_checkpoint(cfg.init_from, config)  # whole shards, names and shapes
+    max_positions = config.max_position_embeddings
+    train_records = load_prompts(cfg.data.train_files, cfg, tokenizer, None, max_positions)
     eval_records = (
-        load_prompts(cfg.data.eval_files, cfg, tokenizer, cfg.data.num_eval_prompts)
+        load_prompts(cfg.data.eval_files, cfg, tokenizer, cfg.data.num_eval_prompts, max_positions)
         if cfg.data.eval_files
         else []
     )

@@ -1,0 +1,125 @@
+"""User errors at the entry points: one clean message, no traceback, a non-zero exit.
+
+Contract:
+- Bad user input raises `ValueError` (or a subclass) with a message naming the file / line /
+  key and what to change (STYLE). `@user_errors` wraps a Hydra task function: such an error
+  prints `error: <message>` on stderr and exits with status 2; any other exception is a bug and
+  keeps its traceback. `HYDRA_FULL_ERROR=1` re-raises the ValueError too (the full trace).
+- `check_known_keys(cfg)` rejects keys that Hydra's `+key=value` added to a typed node (Hydra
+  adds them even in struct mode, so `+optim.lrr=1` would otherwise be accepted and ignored).
+- `check_writable(path, what)` proves at launch that a directory can be written (a real file
+  is created and removed: permission bits say nothing for root or on read-only mounts).
+- `disk_full_message(e, path)` turns a write that failed for lack of room (ENOSPC, EDQUOT, EFBIG;
+  also behind torch.save's own messages, then found by a probe write) into a message naming
+  the path and the free space, or None for other errors.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import errno
+import functools
+import os
+import shutil
+import sys
+import tempfile
+import warnings
+from collections.abc import Callable
+from typing import Any
+
+EXIT_USER_ERROR = 2
+_DISK_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+
+
+def _format_warning(message, category, filename, lineno, line=None) -> str:
+    """Our own warnings as one `warning: ...` line; other libraries' keep their usual form."""
+    if os.path.abspath(filename).startswith(_PACKAGE_DIR):
+        return f"warning: {message}\n"
+    return _default_format(message, category, filename, lineno, line)
+
+
+_PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
+_default_format = warnings.formatwarning
+
+
+def user_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Decorate a Hydra task function: ValueError -> `error: ...` on stderr, exit status 2;
+    warnings raised by this package print as one `warning: ...` line."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        warnings.formatwarning = _format_warning
+        try:
+            return fn(*args, **kwargs)
+        except ValueError as e:
+            if os.environ.get("HYDRA_FULL_ERROR") == "1":
+                raise
+            print(f"error: {e}", file=sys.stderr, flush=True)
+            sys.exit(EXIT_USER_ERROR)
+
+    return wrapper
+
+
+def check_known_keys(cfg: Any, prefix: str = "") -> None:
+    """ValueError naming the first key of `cfg` that its typed schema node does not have.
+    Nodes typed `Any` or `dict` (model, sampler, deepspeed.overrides, ...) are left to their
+    own validation."""
+    from omegaconf import DictConfig, OmegaConf
+
+    schema = OmegaConf.get_type(cfg)
+    if not dataclasses.is_dataclass(schema):
+        return
+    fields = {f.name for f in dataclasses.fields(schema)}
+    for key in cfg.keys():
+        name = f"{prefix}{key}"
+        if key not in fields:
+            raise ValueError(
+                f"unknown config key '{name}' (added with '+'?); valid keys"
+                f"{' of ' + prefix.rstrip('.') if prefix else ''}: {sorted(fields)}"
+            )
+        child = cfg._get_node(key)
+        if isinstance(child, DictConfig) and not child._is_none():
+            check_known_keys(child, name + ".")
+
+
+def check_writable(path: str, what: str) -> None:
+    """Create `path` if needed and write a file into it, else a ValueError naming `what`."""
+    try:
+        os.makedirs(path, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=path, prefix=".write-test-"):
+            pass
+    except OSError as e:
+        raise ValueError(
+            f"{what} {path} is not writable ({e.strerror or e}); fix its permissions or choose "
+            "another output_dir"
+        ) from None
+
+
+def _probe_write(path: str, num_bytes: int = 2**20) -> OSError | None:
+    """Write `num_bytes` next to `path`; the disk error it meets (ENOSPC, EDQUOT, EFBIG) or None."""
+    folder = path if os.path.isdir(path) else os.path.dirname(path) or "."
+    try:
+        with tempfile.TemporaryFile(dir=folder) as f:
+            f.write(b"\0" * num_bytes)
+            f.flush()
+            os.fsync(f.fileno())
+    except OSError as e:
+        return e if e.errno in _DISK_ERRNOS else None
+    return None
+
+
+def disk_full_message(e: BaseException, path: str) -> str | None:
+    """A clear message when `e` is a write that ran out of disk or file-size room, else None.
+    torch.save reports such a failure in several words ('file write failed', 'iostream error',
+    'unexpected pos'), so anything but an OSError with a disk errno is judged by writing 1 MiB
+    next to `path` (call this before freeing what the failed write used)."""
+    if not (isinstance(e, OSError) and e.errno in _DISK_ERRNOS) and _probe_write(path) is None:
+        return None
+    try:
+        free = f"{shutil.disk_usage(path).free / 2**20:.1f} MiB free"
+    except OSError:
+        free = "free space unknown"
+    return (
+        f"could not write {path}: no space left on device or file too large ({free}; "
+        f"{type(e).__name__}: {e}). Free space or set output_dir on a larger disk"
+    )
