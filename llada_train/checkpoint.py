@@ -35,7 +35,7 @@ import signal
 import time
 import warnings
 
-from llada_train.distributed import barrier, layerwise_gather
+from llada_train.distributed import barrier, layerwise_gather, weights_finite
 from llada_train.errors import disk_full_message
 from llada_train.model.io import (
     official_state_dict,
@@ -126,6 +126,36 @@ def resolve_resume(resume: str, ckpt_root: str) -> str | None:
     return path
 
 
+def check_resume_keys(path: str, fixed: dict, allow_changes: bool) -> None:
+    """Refuse to resume from checkpoint `path` when a setting it records in COMPLETE.json
+    ("fixed": data, global batch, seed, model) differs from this run's `fixed`: the resumed
+    run would silently continue another run. ValueError naming each key, both values and the
+    way out; with `allow_changes` a warning instead. Checkpoints without the record pass."""
+    with open(os.path.join(path, COMPLETE)) as f:
+        recorded = json.load(f).get("fixed") or {}
+    changed = []
+    for key, then in recorded.items():
+        now = fixed.get(key)
+        if now == then:
+            continue
+        if isinstance(then, dict) and isinstance(now, dict):
+            for sub in sorted(set(then) | set(now)):
+                if then.get(sub) != now.get(sub):
+                    changed.append(f"{key}.{sub}: {then.get(sub)!r} -> {now.get(sub)!r}")
+        else:
+            changed.append(f"{key}: {then!r} -> {now!r}")
+    if not changed:
+        return
+    what = f"resume from {path}: changed since the checkpoint: {'; '.join(changed[:6])}"
+    if allow_changes:
+        warnings.warn(what + " (resume_allow_changes=true: continuing)", stacklevel=2)
+        return
+    raise ValueError(
+        what + ". These decide the batches and the model the run continues with; restore them, "
+        "start a new output_dir (or resume=none), or pass resume_allow_changes=true"
+    )
+
+
 def resolve_model_dir(path: str) -> str:
     """An HF-format model dir from a model dir, a checkpoint dir (its hf/) or a run dir (the hf/
     of its latest complete checkpoint)."""
@@ -193,12 +223,21 @@ def save_checkpoint(
     export_dtype=None,
     tokenizer=None,
     facts: dict | None = None,
+    fixed: dict | None = None,
 ) -> str:
     """Save DeepSpeed state + HF export of `step` atomically; returns the final path.
     `facts`: the decode-relevant training facts written next to the export's config.json
     (`llada_train.json`: block_length, chat_template, ...). A full disk (or file-size limit)
     while writing raises a ValueError naming the path and the free space; the partial save is
-    removed and the previous checkpoints stay intact."""
+    removed and the previous checkpoints stay intact.
+    `fixed`: the settings a resumed run must share (data, global batch, seed, model), recorded in
+    COMPLETE.json for `check_resume_keys`. Weights that are not finite are never saved: a
+    ValueError instead (agreed over all ranks)."""
+    if not weights_finite(engine.module, engine.device):
+        raise ValueError(
+            f"step {step}: the weights hold non-finite values; no checkpoint is written (the "
+            f"last good one is in {ckpt_root})"
+        )
     tag = step_tag(step)
     partial = os.path.join(ckpt_root, tag + PARTIAL)
     final = os.path.join(ckpt_root, tag)
@@ -220,7 +259,7 @@ def save_checkpoint(
     if is_main:
         files = fsync_tree(partial)  # every rank's files are on disk before the marker
         with open(os.path.join(partial, COMPLETE), "w") as f:
-            json.dump({"step": step, "time": time.time(), "files": files}, f)
+            json.dump({"step": step, "time": time.time(), "files": files, "fixed": fixed}, f)
             f.flush()
             os.fsync(f.fileno())
         _fsync_dir(partial)

@@ -121,6 +121,8 @@ class TrainConfig:
     attention_backend: str = "auto"  # auto (flex on CUDA, sdpa elsewhere) | sdpa | flex
     output_dir: str = "runs/default"
     resume: str = "auto"  # auto (latest complete checkpoint in output_dir) | none | a path
+    resume_allow_changes: bool = False  # resume although data/global batch/seed/model changed
+    max_consecutive_nonfinite: int = 3  # stop after this many non-finite steps in a row (0=never)
     dry_run: bool = False  # build on the meta device, print sizes and DeepSpeed config, exit
     progress: bool = True  # tqdm progress bar on rank 0
 
@@ -185,6 +187,8 @@ class RLConfig:
     attention_backend: str = "auto"  # auto (flex on CUDA, sdpa elsewhere) | sdpa | flex
     output_dir: str = "runs/rl"
     resume: str = "auto"
+    resume_allow_changes: bool = False  # resume although data/batch/seed/model changed
+    max_consecutive_nonfinite: int = 3  # stop after this many non-finite updates in a row
     progress: bool = True
 
 

@@ -197,7 +197,9 @@ def create_engine(model: torch.nn.Module, ds_config: dict[str, Any], optim_cfg, 
     schedule = lambda s: lr_lambda(s, max_steps, optim_cfg.warmup_ratio, optim_cfg.min_lr_ratio)  # noqa: E731
     optimizer = None
     if "optimizer" not in ds_config:
-        optimizer = torch.optim.AdamW(
+        # ZeRO-0 steps this optimizer bare: the guarded one skips non-finite steps (see there)
+        adamw = GuardedAdamW if ds_config["zero_optimization"]["stage"] == 0 else torch.optim.AdamW
+        optimizer = adamw(
             param_groups(model, optim_cfg.weight_decay),
             lr=optim_cfg.lr,
             betas=tuple(optim_cfg.betas),
@@ -216,6 +218,54 @@ def create_engine(model: torch.nn.Module, ds_config: dict[str, Any], optim_cfg, 
         config=ds_config,
     )
     return engine
+
+
+class GuardedAdamW(torch.optim.AdamW):
+    """AdamW that skips a step whose gradients are not all finite, agreed over all ranks.
+
+    ZeRO-1/2/3 already skip such a step (their optimizer sets `overflow` when the global
+    gradient norm is inf/NaN; the engine then counts a skipped step, steps no LR schedule and
+    `was_step_applied()` is False). ZeRO-0 steps the bare optimizer, which has no such check:
+    this one computes the local squared gradient norm (fp32, as DeepSpeed's clipping), agrees
+    on its finiteness over ranks and, when it is not finite, leaves parameters and optimizer
+    state untouched and sets `overflow`, which the engine reads the same way."""
+
+    overflow = False
+
+    def step(self, closure=None):  # noqa: D102 - see the class docstring
+        grads = [p.grad for g in self.param_groups for p in g["params"] if p.grad is not None]
+        device = grads[0].device if grads else torch.device("cpu")
+        local = torch.zeros(1, dtype=torch.float32, device=device)
+        for grad in grads:
+            local += grad.detach().float().pow(2).sum()
+        bad = torch.tensor([0.0 if torch.isfinite(local).all() else 1.0], device=device)
+        self.overflow = bool(all_reduce_sum(bad) > 0)
+        return None if self.overflow else super().step(closure)
+
+
+def reset_schedule(engine, lr: float) -> None:
+    """After a resume: the LR of the next update recomputed under the current config (base lr
+    `lr` and the schedule the engine was built with, at the restored schedule position), not
+    the value the old schedule left in the restored optimizer state."""
+    scheduler = engine.lr_scheduler
+    position = scheduler.last_epoch  # scheduler steps taken (skipped optimizer steps excluded)
+    scheduler.base_lrs = [lr] * len(scheduler.base_lrs)
+    for group, fn in zip(scheduler.optimizer.param_groups, scheduler.lr_lambdas, strict=True):
+        group["initial_lr"] = lr
+        group["lr"] = lr * fn(position)
+    scheduler._last_lr = [g["lr"] for g in scheduler.optimizer.param_groups]
+
+
+def weights_finite(model: torch.nn.Module, device) -> bool:
+    """Whether every parameter and buffer of `model` is finite, agreed over all ranks (under
+    ZeRO-3 each rank checks its own partitions)."""
+    bad = torch.zeros(1, device=device)
+    for t in [*model.parameters(), *model.buffers()]:
+        local = getattr(t, "ds_tensor", t)  # the ZeRO-3 partition, else the tensor
+        if local.is_floating_point() and local.numel() and not torch.isfinite(local).all():
+            bad += 1
+            break
+    return float(all_reduce_sum(bad)) == 0
 
 
 def is_partitioned(model: torch.nn.Module) -> bool:

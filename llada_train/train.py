@@ -17,6 +17,7 @@ reproduce 1 process, and a resumed run reproduces an uninterrupted one.
 from __future__ import annotations
 
 import json
+import math
 import os
 import resource
 import time
@@ -28,6 +29,7 @@ from tqdm import tqdm
 
 from llada_train.checkpoint import (
     SMOKE_FILE,
+    check_resume_keys,
     fault_point,
     load_checkpoint,
     remove_partials,
@@ -52,6 +54,7 @@ from llada_train.distributed import (
     inference_model,
     init_distributed,
     layerwise_gather,
+    reset_schedule,
     resolve_precision,
     world_size_from_env,
 )
@@ -278,6 +281,18 @@ def train(cfg: DictConfig, task: str) -> str:
     if cfg.init_from:
         check_checkpoint(cfg.init_from, config)  # whole shards, names and shapes
     precision = resolve_precision(cfg.precision, info.device)
+    fixed = {  # what a resumed run must share with its checkpoint (COMPLETE.json "fixed")
+        "data": OmegaConf.to_container(cfg.data, resolve=True),
+        "global_batch_size": cfg.global_batch_size,
+        "seed": cfg.seed,
+        "model": config.to_dict(),
+    }
+    if info.is_main:
+        remove_partials(ckpt_root)
+    barrier()
+    resume_path = resolve_resume(cfg.resume, ckpt_root)
+    if resume_path:
+        check_resume_keys(resume_path, fixed, cfg.resume_allow_changes)
 
     if task == "sft":
         examples, skipped = load_sft_examples(cfg.data, tokenizer, ids, cfg.block_length)
@@ -301,14 +316,12 @@ def train(cfg: DictConfig, task: str) -> str:
         moe.gate.expert_bias.data = moe.gate.expert_bias.data.float()
 
     start_step = 0
-    if info.is_main:
-        remove_partials(ckpt_root)
-    resume_path = resolve_resume(cfg.resume, ckpt_root)
     if resume_path:
         state = load_checkpoint(engine, resume_path)
         start_step = int(state["step"])
         for moe, bias in zip(model.moe_layers(), state.get("expert_bias", []), strict=False):
             moe.gate.expert_bias.copy_(torch.tensor(bias, dtype=torch.float32))
+        reset_schedule(engine, cfg.optim.lr)  # the next update follows the current schedule
     tracker = Tracker(
         cfg.tracking, run_dir, OmegaConf.to_container(cfg, resolve=True), info.is_main,
         resume_step=start_step if resume_path else None, job_type=task,
@@ -341,8 +354,10 @@ def train(cfg: DictConfig, task: str) -> str:
         disable=not (info.is_main and cfg.progress),
     )  # fmt: skip
     model.train()
+    num_nonfinite = consecutive_nonfinite = 0
     for step in range(start_step, cfg.max_steps):
         t0 = time.perf_counter()
+        lr_applied = engine.get_lr()[0]  # the lr of this step's update (logged `lr` is the next)
         micro = []
         for batch in batches.micro_batches(step):
             inputs, seeds = corrupt_micro_batch(
@@ -383,18 +398,33 @@ def train(cfg: DictConfig, task: str) -> str:
             num_tokens += inputs.x0.numel()
         all_reduce_sum(stats)
         all_reduce_sum(loads)
-        if cfg.moe.bias_update_rate > 0 and moe_layers:
-            update_expert_bias(model, loads, cfg.moe.bias_update_rate)
-        elapsed = time.perf_counter() - t0
         metrics = loss_metrics(stats)
         grad_norm = engine.get_global_grad_norm()
         if grad_norm is None or cfg.deepspeed.stage == 0:
             grad_norm = own_norm
+        grad_norm = float(grad_norm) if grad_norm is not None else float("nan")
+        # Non-finite guard: every rank sees the same all-reduced loss and the engine's global
+        # decision to skip (ZeRO's overflow check, our ZeRO-0 guard), so all ranks agree.
+        is_finite = (
+            engine.was_step_applied()
+            and math.isfinite(metrics["loss/total"])
+            and math.isfinite(grad_norm)
+        )
+        if is_finite:
+            consecutive_nonfinite = 0
+            if cfg.moe.bias_update_rate > 0 and moe_layers:
+                update_expert_bias(model, loads, cfg.moe.bias_update_rate)
+        else:  # no parameter update was applied (skipped step) and no expert-bias update
+            num_nonfinite += 1
+            consecutive_nonfinite += 1
+        elapsed = time.perf_counter() - t0
         mean_load = loads.mean(-1, keepdim=True).clamp_min(1e-9)
         metrics.update(
             {
                 "lr": engine.get_lr()[0],
-                "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
+                "lr/applied": lr_applied,
+                "nonfinite/steps": num_nonfinite,
+                "grad_norm": grad_norm,
                 "tokens_per_s": num_tokens * info.world_size / elapsed,
                 "step_time_s": elapsed,
                 "epoch": batches.epoch(step + 1),
@@ -415,16 +445,20 @@ def train(cfg: DictConfig, task: str) -> str:
             tracker.log(metrics, step=step + 1)
         bar.update(1)
         bar.set_postfix(loss=f"{metrics['loss/total']:.3f}", acc=f"{metrics['acc/total']:.2f}")
+        if not is_finite:
+            stop_on_nonfinite(step + 1, metrics["loss/total"], grad_norm, consecutive_nonfinite,
+                              cfg.max_consecutive_nonfinite, info, tracker)  # fmt: skip
 
         if (step + 1) % cfg.checkpoint.save_every == 0 or step + 1 == cfg.max_steps:
             client_state = {
                 "step": step + 1,
+                "nonfinite_steps": num_nonfinite,
                 "expert_bias": [m.gate.expert_bias.tolist() for m in moe_layers],
                 "task": task,
             }
             path = save_checkpoint(
                 engine, ckpt_root, step + 1, client_state, info.is_main, cfg.checkpoint.keep_last,
-                cfg.checkpoint.export_hf, export_dtype, tokenizer, facts,
+                cfg.checkpoint.export_hf, export_dtype, tokenizer, facts, fixed,
             )  # fmt: skip
             on_checkpoint(path, step + 1, model, tokenizer, ids, cfg, info, prompts, tracker)
         if info.is_main:
@@ -432,6 +466,26 @@ def train(cfg: DictConfig, task: str) -> str:
     bar.close()
     tracker.finish()
     return run_dir
+
+
+def stop_on_nonfinite(
+    step: int, loss: float, grad_norm: float, consecutive: int, limit: int, info, tracker
+) -> None:
+    """Report a non-finite step (no update was applied); after `limit` consecutive ones
+    (0 = never) stop the run with a ValueError starting `step N: non-finite`."""
+    if info.is_main:
+        print(
+            f"warning: step {step}: non-finite loss ({loss}) or grad norm ({grad_norm}); the "
+            f"update was skipped ({consecutive} in a row)",
+            flush=True,
+        )
+    if limit > 0 and consecutive >= limit:
+        tracker.finish()
+        raise ValueError(
+            f"step {step}: non-finite loss ({loss}) or grad norm ({grad_norm}) in {consecutive} "
+            "consecutive steps; their updates were skipped and no checkpoint holds non-finite "
+            "weights. Lower optim.lr, check the data, or raise max_consecutive_nonfinite"
+        )
 
 
 def evaluate_in_process(path, step, model, tokenizer, cfg, info, tracker) -> None:

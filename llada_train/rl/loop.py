@@ -26,6 +26,7 @@ from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
 from llada_train.checkpoint import (
+    check_resume_keys,
     load_checkpoint,
     remove_partials,
     resolve_model_dir,
@@ -36,10 +37,12 @@ from llada_train.corruption import example_seed
 from llada_train.data.pipeline import epoch_order
 from llada_train.distributed import (
     all_reduce_sum,
+    barrier,
     create_engine,
     deepspeed_config,
     inference_model,
     init_distributed,
+    reset_schedule,
     resolve_precision,
 )
 from llada_train.errors import check_known_keys, check_writable
@@ -60,7 +63,7 @@ from llada_train.rl.rewards import score_batch
 from llada_train.sampler import Sampler
 from llada_train.tokenizer import load_tokenizer, special_ids
 from llada_train.tracking import Tracker
-from llada_train.train import build_model
+from llada_train.train import build_model, stop_on_nonfinite
 
 
 # ---------------------------------------------------------------------------- data
@@ -230,6 +233,18 @@ def rl_train(cfg: DictConfig) -> str:
         else []
     )
     precision = resolve_precision(cfg.precision, info.device)
+    fixed = {  # what a resumed run must share with its checkpoint (COMPLETE.json "fixed")
+        "data": OmegaConf.to_container(cfg.data, resolve=True),
+        "global_batch": [cfg.rollout.prompts_per_step, cfg.rollout.group_size],
+        "seed": cfg.seed,
+        "model": config.to_dict(),
+    }
+    if info.is_main:
+        remove_partials(ckpt_root)
+    barrier()
+    resume_path = resolve_resume(cfg.resume, ckpt_root)
+    if resume_path:
+        check_resume_keys(resume_path, fixed, cfg.resume_allow_changes)
     ds_config = deepspeed_config(
         cfg.deepspeed, cfg.optim, cfg.micro_batch_size, accumulation, info.world_size, precision
     )
@@ -248,11 +263,9 @@ def rl_train(cfg: DictConfig) -> str:
     )  # fmt: skip
 
     start_step = 0
-    if info.is_main:
-        remove_partials(ckpt_root)
-    resume_path = resolve_resume(cfg.resume, ckpt_root)
     if resume_path:
         start_step = int(load_checkpoint(engine, resume_path)["step"])
+        reset_schedule(engine, cfg.optim.lr)  # the next update follows the current schedule
     tracker = Tracker(
         cfg.tracking, run_dir, OmegaConf.to_container(cfg, resolve=True), info.is_main,
         resume_step=start_step if resume_path else None, job_type="rl",
@@ -283,6 +296,7 @@ def rl_train(cfg: DictConfig) -> str:
 
     if start_step == 0:
         evaluate(0)
+    num_nonfinite = consecutive_nonfinite = 0
     bar = tqdm(total=cfg.max_steps, initial=start_step, desc="rl", dynamic_ncols=True,
                disable=not (info.is_main and cfg.progress))  # fmt: skip
     for step in range(start_step, cfg.max_steps):
@@ -354,7 +368,9 @@ def rl_train(cfg: DictConfig) -> str:
         sums = torch.zeros(
             5, dtype=torch.float64, device=info.device
         )  # loss, ratio, clipped, kl, n
+        lr_applied = engine.get_lr()[0]  # the lr of this step's first update
         for _ in range(updates):
+            update_loss = torch.zeros(1, dtype=torch.float64, device=info.device)
             for sl, levels, old, ref, weights in micro:
                 new = elbo_terms(engine, x0[sl], levels, cfg.block_length)
                 log_ratio = sequence_log_ratio(new, old, weights)
@@ -367,11 +383,25 @@ def rl_train(cfg: DictConfig) -> str:
                     micro_batch_loss(loss_sum, global_count, info.world_size, accumulation)
                 )
                 engine.step()
+                update_loss += float(loss_sum.detach())
                 n = float(count)
                 sums += torch.tensor(
                     [float(loss_sum.detach()), stats["ratio_mean"] * n, stats["clip_fraction"] * n,
                      stats.get("kl", 0.0) * n, n], dtype=torch.float64, device=info.device,
                 )  # fmt: skip
+            # Non-finite guard, one verdict for all ranks: the engine skipped the update (ZeRO's
+            # overflow check, our ZeRO-0 guard: no parameter changed) or a loss is not finite.
+            bad = torch.tensor([0.0 if engine.was_step_applied() else 1.0], device=info.device)
+            bad += 0.0 if torch.isfinite(update_loss).all() else 1.0
+            if float(all_reduce_sum(bad)) > 0:
+                num_nonfinite += 1
+                consecutive_nonfinite += 1
+                stop_on_nonfinite(
+                    step + 1, float(update_loss), float("nan"), consecutive_nonfinite,
+                    cfg.max_consecutive_nonfinite, info, tracker,
+                )  # fmt: skip
+            else:
+                consecutive_nonfinite = 0
         t_update = time.perf_counter() - t2
 
         # ---- logging (sums over ranks)
@@ -404,6 +434,8 @@ def rl_train(cfg: DictConfig) -> str:
             "clip_fraction": float(sums[2] / sums[4]),
             "kl": float(sums[3] / sums[4]),
             "lr": engine.get_lr()[0],
+            "lr/applied": lr_applied,
+            "nonfinite/updates": num_nonfinite,
         }
         for name in sorted({e["reward"] for e in examples}):
             vals = [r for r, e in zip(rewards, examples, strict=True) if e["reward"] == name]
@@ -428,6 +460,7 @@ def rl_train(cfg: DictConfig) -> str:
                 engine, ckpt_root, step + 1, {"step": step + 1}, info.is_main,
                 cfg.checkpoint.keep_last, cfg.checkpoint.export_hf, None, tokenizer,
                 facts={"block_length": cfg.block_length, "chat_template": True, "task": "rl"},
+                fixed=fixed,
             )  # fmt: skip
             if info.is_main:
                 with open(os.path.join(path, "rl_metrics.json"), "w") as f:
