@@ -179,10 +179,42 @@ def extract_code(text: str) -> str:
     return text
 
 
+def code_program(completion: str, example: dict) -> dict[str, str | None]:
+    """The sandbox job of a code record: the candidate's code, the trusted tests and setup.
+
+    Our records {"prompt", "entry_point", "tests"}: code = the extracted code; tests = the
+    record's asserts. HumanEval-style records {"prompt" (code: signature and docstring),
+    "entry_point", "test" (defines `check(candidate)`)}: code = the prompt followed by the
+    extracted code when that defines the entry point (a whole function written in a chat), else
+    by the completion (a continuation of the prompt); tests = `test` + `check(entry_point)`;
+    setup = the prompt, so helpers it defines are there for the tests. Raises ValueError for a
+    record with neither "tests" nor "test".
+    """
+    entry_point = example["entry_point"]
+    code = extract_code(completion)
+    if "tests" in example:
+        return {"code": code, "tests": example["tests"], "entry_point": entry_point, "setup": None}
+    if "test" not in example:
+        raise ValueError(f"code record without 'tests' or 'test': keys {sorted(example)}")
+    prompt = example.get("prompt", "")
+    defines = re.search(rf"^\s*def\s+{re.escape(entry_point)}\s*\(", code, re.MULTILINE)
+    code = prompt + "\n" + code if defines else prompt + completion
+    tests = f"{example['test']}\n\ncheck({entry_point})\n"
+    return {"code": code, "tests": tests, "entry_point": entry_point, "setup": prompt}
+
+
 def code_reward(completion: str, example: dict) -> float:
-    """1.0 iff the extracted code followed by example["tests"] runs to the end in the sandbox."""
-    program = extract_code(completion) + "\n\n" + example["tests"] + "\n"
-    result = run_python(program, timeout_s=float(example.get("timeout_s", CODE_TIMEOUT_S)))
+    """1.0 iff the record's tests pass against the completion's entry point in the sandbox: the
+    tests run in a process of their own and reach the candidate only through calls of the entry
+    point (see `llada_train.rl.sandbox`), so no code of the candidate can fake a pass."""
+    job = code_program(completion, example)
+    result = run_python(
+        job["code"],
+        tests=job["tests"],
+        entry_point=job["entry_point"],
+        setup=job["setup"],
+        timeout_s=float(example.get("timeout_s", CODE_TIMEOUT_S)),
+    )
     if result.status == "sandbox_error":  # our failure, not the model's: count it as an error
         raise RuntimeError(f"sandbox failed: {result.stderr}")
     return 1.0 if result.passed else 0.0

@@ -1,62 +1,92 @@
-"""Run untrusted Python (model output) in a sandboxed subprocess.
+"""Run untrusted Python (model output) in a sandbox, and judge it with tests it cannot reach.
 
-Contract: `run_python(code)` executes `code` as a script in a fresh interpreter (standard library
-only) and returns a `SandboxResult`; `passed` is True only when the whole program ran to its end:
-the child writes a per-run secret token after the last statement, so `sys.exit(0)`, `os._exit(0)`
-or an atexit trick before the tests does not pass. The calling process never crashes or hangs,
-whatever the code does: every failure, a failure to set the sandbox up included, comes back as a
-result with `passed=False` and a `status`. Nothing is kept: the scratch directory is removed and
-every process the code started is dead before `run_python` returns. `run_many` runs a batch on a
-thread pool (the launch is thread-safe: no `preexec_fn`; the child sets itself up).
+Contract: `run_python(code, tests=..., entry_point=...)` runs `code` (standard library only) in a
+fresh interpreter, then runs the trusted `tests` in a *separate* process, the harness, in which
+the name `entry_point` is a proxy: each call crosses to the candidate's process as plain data and
+its return value comes back as plain data (see `sandbox_child.py`). `passed` is True only when
+the tests ran to their end without an exception. Without `tests`, `passed` means `code` itself
+ran to its end (its own asserts are then the test: a program is its own judge there). The
+calling process never crashes or hangs, whatever the code does: every failure, a failure to set
+the sandbox up included, comes back as a result with `passed=False` and a `status`. Nothing is
+kept: the scratch directory is removed and every process of the run is dead before `run_python`
+returns. `run_many` runs a batch on a thread pool (the launch is thread-safe: no `preexec_fn`;
+the child sets itself up). The child program is `llada_train/rl/sandbox_child.py`, passed as
+`python -I -B -S -c SOURCE` (isolated mode, no site-packages, empty environment).
 
-Process layout: `python -I -B -S -c BOOTSTRAP` (isolated mode, no site-packages, empty
-environment) starts as the *outer* process in its own session; it unshares namespaces and forks
-the *inner* process, which sets up the remaining layers on itself, then compiles and runs the
-code. The outer one (trusted, root) only waits and exits the way the inner one did. The layers
-actually set up are reported in `SandboxResult.isolation`.
+Threat model. The candidate is an adversary that knows this code and wants `passed=True` without
+passing the tests (an RL policy finds every hole). What proves success is the harness's verdict,
+written to a file descriptor that only the harness holds, and the exit status of the run's outer
+process; the parent requires both. Neither is reachable from the candidate's process:
+- nothing in its memory proves anything (there is no token: frames via `sys._getframe`,
+  tracebacks, gc, inspect, reading its own memory find only the candidate's own state);
+- it holds no descriptor of the verdict (closed before the fork's child runs any code);
+- the harness runs under another unprivileged uid, non-dumpable, with no_new_privs: the
+  candidate can neither signal, ptrace, nor open /proc/PID/{mem,fd} of it; the outer process is
+  root (and in the parent pid namespace, so not even visible);
+- the tests never touch an object of the candidate: returns are encoded by exact built-in type
+  (an int subclass, or a class whose `__eq__` is always true, is refused) and decoded in the
+  harness into fresh built-ins, so `assert f(x) == y` compares built-in values with the built-in
+  `==` (the benchmark's own semantics: 1 == 1.0 == True as in HumanEval's official checker; what
+  cannot happen is a candidate object in the comparison);
+- the tests cannot be skipped or patched (settrace, builtins, monkeypatching the asserts): they
+  run in the harness, where no candidate code runs.
+What the candidate can do is answer calls, crash, hang or exhaust its budgets: each ends in
+`passed=False`. Tests may reach the candidate only through `entry_point` with plain-data
+arguments (in-place mutation of an argument is not seen by the tests); `setup` is trusted code
+run in the harness before the tests (e.g. a HumanEval prompt's helper functions).
 
-Kernel layers, when the caller is root (all verified on the development machine: Linux, root
-with CAP_SYS_ADMIN, Python 3.11, by tests/test_sandbox.py with the audit hook off):
-- "netns": a new, empty network namespace: not even loopback is up, so connecting to a server on
-  the host's 127.0.0.1 fails with ENETUNREACH.
-- "mountns": a new mount namespace in which every mount is remounted read-only, the scratch
-  directory is a fresh size-limited tmpfs (the only writable place; it vanishes with the
-  namespace), and a directory the sandbox user could not traverse on the way to the interpreter
-  (e.g. /root, 0700, holding a pyenv Python) is masked by an empty tmpfs with only the needed
-  entries bound back in, which also hides the rest of it.
-- "pidns": the inner process is pid 1 of a new pid namespace, with its own /proc: the code sees
-  no other process, and when the inner process dies the kernel kills and reaps everything it
-  started, wherever it went (setsid, double fork).
-- "uid": the code runs as a fresh unprivileged uid (random, >= 1e6, one per run, not in
-  /etc/passwd) with no groups and PR_SET_NO_NEW_PRIVS. RLIMIT_NPROC is not enforced for uid 0,
-  so the uid switch is what makes the process limit bind; a per-run uid makes the limit per run
-  and lets the parent kill every process of the run by uid.
+Process layout: the outer process (root) joins the run's cgroups, unshares namespaces and forks
+init, pid 1 of a new pid namespace; init mounts, forks the candidate process (uid A), then drops
+to uid B and becomes the harness. Layers actually set up are reported in
+`SandboxResult.isolation`.
+
+Kernel layers, when the caller is root (all verified on the development machine: Linux 6.18,
+root with CAP_SYS_ADMIN, Python 3.11, cgroup v1 memory and pids controllers, by
+tests/test_sandbox.py with the audit hook off):
+- "cgroup": one memory + pids cgroup per run (v2 where the caller's cgroup delegates the memory
+  and pids controllers, else v1), created under the caller's own cgroup: `memory_mb` caps the
+  memory of all the run's processes together (anonymous, page cache and its tmpfs scratch; no
+  swap), `max_processes` + 2 (the outer process and the harness) caps their number. The kernel
+  enforces both: a run cannot exceed them even for an instant; an OOM kill inside the run gives
+  status "memory".
+- "netns": a new, empty network namespace: not even loopback is up.
+- "mountns": every mount remounted read-only, the scratch directory a fresh size-limited tmpfs
+  (the only writable place), a directory the sandbox uid could not traverse on the way to the
+  interpreter (e.g. /root, 0700, holding a pyenv Python) masked by an empty tmpfs with only the
+  needed entries bound back in.
+- "pidns": the run's own pid namespace and /proc: the code sees no process outside the run, and
+  when init exits the kernel kills everything the run started, wherever it went.
+- "uid": the candidate runs as a fresh unprivileged uid (random, >= 1e6, one per run, not in
+  /etc/passwd) with no groups and PR_SET_NO_NEW_PRIVS; the harness as a second one.
+  RLIMIT_NPROC counts all the processes of a uid, so with a per-run uid it is a total per run.
 Always:
-- "rlimits": RLIMIT_CPU, RLIMIT_AS, RLIMIT_FSIZE (which also caps the captured stdout/stderr
-  files, so a flood can neither fill the disk nor the parent's memory), RLIMIT_NOFILE,
+- "rlimits": RLIMIT_CPU, RLIMIT_AS (per process: a single huge allocation fails fast with
+  MemoryError), RLIMIT_FSIZE (also caps the captured stdout/stderr files), RLIMIT_NOFILE,
   RLIMIT_NPROC, RLIMIT_CORE = 0.
-- "audit" (unless switched off for tests): a `sys.addaudithook` hook, which Python offers no way
-  to remove, refusing sockets, ctypes, starting programs, writes outside the scratch directory
-  (open for writing, mkdir, remove, rename, ...), reading /proc/*/mem, and the gc and
-  other-thread-frame introspection that could reach the hook.
-- The wall clock: on timeout the inner process is killed first (so the outer one reaps it and no
-  zombie is left where the host's init does not reap), then, as root, every process of the run's
-  uid, then the whole process group.
+- "audit" (unless switched off for tests): a `sys.addaudithook` hook in the candidate process
+  refusing sockets, ctypes, starting programs and writes outside the scratch directory: the
+  guard of writes and sockets where the namespaces are missing, a second line elsewhere.
+- The wall clock: on timeout every process of the run is killed (cgroup, uids, process group).
+
+Fallback budget without a usable cgroup ("memwatch"): still a total, never per process. The
+process count is RLIMIT_NPROC of the run's own uid (root) or of the user namespace (recent
+kernels, without root). Memory: one watcher thread of this process sums the resident anonymous
+and shmem memory (RssAnon + RssShmem) of every process of the run (descendants of the outer
+process, and the run's uids) every 20 ms, and kills the whole run (status "memory") when the sum
+passes `memory_mb`. Unlike the cgroup it acts after the fact: a run can overshoot by what it
+allocates within one period, and memory no process maps (an unmapped memfd) is not seen.
 
 Without root the kernel layers degrade: the child tries an unprivileged user namespace for
-"netns" and "pidns" (RLIMIT_NPROC then counts the processes of that namespace on recent kernels,
-of the whole user on older ones); writes outside the scratch directory are stopped only by the
-audit hook; without "pidns", processes that left the process group may survive. In a root
-container without CAP_SYS_ADMIN the namespaces are skipped and the uid switch still happens, but
-an interpreter under a 0700 directory then cannot import modules not imported at startup.
-The audit hook is a second line of defence: code written against this sandbox's internals (e.g.
-walking frames up to the bootstrap to read the token, or `_posixsubprocess`) can get around it;
-containment rests on the kernel layers.
+"netns" and "pidns"; writes outside the scratch directory are stopped only by the audit hook;
+candidate and harness share the caller's uid, so the verdict is only as safe as the caller's own
+process is from code of its uid (ptrace, /proc/PID/fd): run the trainer as root for rewards that
+matter. In a root container without CAP_SYS_ADMIN the namespaces are skipped and the uid switch
+still happens.
 
-Statuses: "ok" (ran to the end), "failed" (AssertionError), "error" (any other exception,
-SystemExit included, or an exit before the end), "timeout" (wall clock or CPU limit), "memory"
-(MemoryError), "killed" (another signal, e.g. a crash), "sandbox_error" (the sandbox itself
-failed; the message is in `stderr`).
+Statuses: "ok" (the tests, or the code, ran to the end), "failed" (AssertionError), "error" (any
+other exception, SystemExit included, or an exit before the end), "timeout" (wall clock or CPU
+limit), "memory" (MemoryError, or the run's memory budget), "killed" (another signal, e.g. a
+crash), "sandbox_error" (the sandbox itself failed; the message is in `stderr`).
 """
 
 from __future__ import annotations
@@ -76,269 +106,296 @@ from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
-# Exit codes of the bootstrap below, mapped to statuses by `_status`.
-_EXIT_FAILED, _EXIT_ERROR, _EXIT_MEMORY, _EXIT_CPU, _EXIT_SANDBOX = 1, 2, 3, 4, 70
+from llada_train.rl import sandbox_child
+
 _TAIL_BYTES = 4096  # how much of stdout / stderr is kept in the result
 _UID_BASE, _UID_SPAN = 1_000_000, 1 << 24  # per-run uids are drawn from this range
-BOOTSTRAP_TAG = "# llada_train sandbox bootstrap"  # first line of the child's `-c` program
-
-# The child's program. It runs as `python -I -B -S -c BOOTSTRAP CONFIG_JSON` with stdin =
-# token line + untrusted source. Setup order matters: namespaces and mounts need root, so they
-# come before the uid switch; the audit hook comes last so that it does not see the setup.
-BOOTSTRAP = (
-    BOOTSTRAP_TAG
-    + r'''
-import json, os, resource, signal, sys, traceback
-
-def _libc():
-    import ctypes  # imported early by _main, while every path is readable
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.mount.argtypes = [ctypes.c_char_p, ctypes.c_char_p, ctypes.c_char_p, ctypes.c_ulong,
-                           ctypes.c_char_p]
-    return libc, ctypes
-
-def _check(rc, what, ctypes):
-    if rc != 0:
-        raise OSError(ctypes.get_errno(), f"{what}: {os.strerror(ctypes.get_errno())}")
-
-MS_RDONLY, MS_NOSUID, MS_NODEV, MS_NOEXEC, MS_REMOUNT = 1, 2, 4, 8, 32
-MS_NOATIME, MS_BIND, MS_REC, MS_PRIVATE, MS_RELATIME = 1024, 4096, 16384, 1 << 18, 1 << 21
-MS_NODIRATIME, MS_STRICTATIME = 2048, 1 << 24
-MOUNT_FLAGS = {"nosuid": MS_NOSUID, "nodev": MS_NODEV, "noexec": MS_NOEXEC,
-               "noatime": MS_NOATIME, "nodiratime": MS_NODIRATIME, "relatime": MS_RELATIME,
-               "strictatime": MS_STRICTATIME}
-
-def _unescape(path):  # /proc/self/mountinfo writes space, tab, newline, backslash as \ooo
-    import re
-    return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), path)
-
-def _mounts():
-    for line in open("/proc/self/mountinfo"):
-        fields = line.split()
-        yield _unescape(fields[4]), fields[5].split(",")
-
-def _expose(paths, libc, ctypes):
-    """Mask every directory on the way to `paths` that others cannot traverse (e.g. /root, 0700)
-    with an empty tmpfs, and bind only the next path component back into it."""
-    for _ in range(32):
-        blocked = {}
-        for path in paths:
-            parts = [p for p in path.split("/") if p]
-            cur = "/"
-            for name in parts:
-                if not os.stat(cur).st_mode & 0o001:
-                    blocked.setdefault(cur, set()).add(name)
-                    break
-                cur = os.path.join(cur, name)
-        if not blocked:
-            return
-        top = min(blocked, key=lambda p: p.count("/"))
-        fds = {n: os.open(os.path.join(top, n), os.O_PATH) for n in blocked[top]}
-        _check(libc.mount(b"tmpfs", top.encode(), b"tmpfs", MS_NOSUID | MS_NODEV,
-                          b"mode=0711,size=64k"), "mask " + top, ctypes)
-        for name, fd in fds.items():
-            dst = os.path.join(top, name)
-            if os.path.isdir(f"/proc/self/fd/{fd}"):
-                os.mkdir(dst)
-            else:
-                open(dst, "w").close()
-            _check(libc.mount(f"/proc/self/fd/{fd}".encode(), dst.encode(), None,
-                              MS_BIND | MS_REC, None), "bind " + dst, ctypes)
-            os.close(fd)
-    raise OSError("too many directories to expose")
-
-def _unshare(is_root):
-    """New namespaces for this process (network, mounts) and its next child (pids)."""
-    libc, ctypes = _libc()
-    CLONE_NEWNS, CLONE_NEWUSER, CLONE_NEWPID = 0x00020000, 0x10000000, 0x20000000
-    CLONE_NEWNET = 0x40000000
-    if is_root:
-        if libc.unshare(CLONE_NEWNS | CLONE_NEWNET | CLONE_NEWPID) == 0:
-            return ["netns", "mountns", "pidns"]
-    elif libc.unshare(CLONE_NEWUSER | CLONE_NEWNET | CLONE_NEWPID) == 0:  # unprivileged userns
-        return ["netns", "pidns"]
-    return []  # e.g. a container without CAP_SYS_ADMIN: the other layers still apply
-
-def _mount_fs(cfg):
-    """Everything read-only, the scratch dir a fresh tmpfs, /proc showing only this pid ns."""
-    libc, ctypes = _libc()
-    scratch = cfg["scratch"]
-    _check(libc.mount(None, b"/", None, MS_REC | MS_PRIVATE, None), "make / private", ctypes)
-    needed = {os.path.realpath(p) for p in sys.path + [sys.prefix, sys.base_prefix]
-              if p and os.path.exists(p)}
-    _expose(sorted(needed | {scratch}), libc, ctypes)
-    for target, opts in list(_mounts()):
-        flags = MS_REMOUNT | MS_BIND | MS_RDONLY | MS_NOSUID
-        for opt in opts:
-            flags |= MOUNT_FLAGS.get(opt, 0)
-        libc.mount(None, target.encode(), None, flags, None)  # some (e.g. /proc) may refuse
-    uid = cfg["uid"]
-    options = f"mode=0700,uid={uid},gid={uid},size={cfg['scratch_bytes']}"
-    _check(libc.mount(b"tmpfs", scratch.encode(), b"tmpfs", MS_NOSUID | MS_NODEV,
-                      options.encode()), "scratch tmpfs", ctypes)
-    _check(libc.mount(b"proc", b"/proc", b"proc", MS_RDONLY | MS_NOSUID | MS_NODEV | MS_NOEXEC,
-                      None), "mount /proc", ctypes)
-
-def _limits(cfg):
-    cpu = cfg["cpu_s"]
-    resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
-    resource.setrlimit(resource.RLIMIT_CPU, (cpu, cpu + 1))  # soft: SIGXCPU, hard: SIGKILL
-    resource.setrlimit(resource.RLIMIT_FSIZE, (cfg["file_bytes"], cfg["file_bytes"]))
-    resource.setrlimit(resource.RLIMIT_NOFILE, (cfg["max_files"], cfg["max_files"]))
-    resource.setrlimit(resource.RLIMIT_NPROC, (cfg["max_processes"], cfg["max_processes"]))
-    resource.setrlimit(resource.RLIMIT_AS, (cfg["memory_bytes"], cfg["memory_bytes"]))
-
-def _drop_privileges(cfg, layers):
-    uid = cfg["uid"]
-    os.setgroups([])
-    os.setgid(uid)
-    os.setuid(uid)
-    layers.append("uid")
-
-# Defaults bind what the hook calls, so that monkeypatching os or builtins does not change it.
-def _install_hook(scratch, allow_kill, realpath=os.path.realpath, fspath=os.fspath,
-                  getpid=os.getpid, isinstance=isinstance, bytes=bytes, int=int,
-                  PermissionError=PermissionError):
-    prefix = scratch.rstrip("/") + "/"
-    writable = frozenset(("/dev/null", "/dev/stdout", "/dev/stderr"))
-    write_flags = os.O_WRONLY | os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_TRUNC
-    path_events = {  # event -> positions of the paths it modifies
-        "os.remove": (0,), "os.rmdir": (0,), "os.mkdir": (0,), "os.rename": (0, 1),
-        "os.link": (1,), "os.symlink": (1,), "os.truncate": (0,), "os.chmod": (0,),
-        "os.chown": (0,), "os.utime": (0,), "os.mkfifo": (0,), "os.mknod": (0,),
-        "os.setxattr": (0,), "os.removexattr": (0,), "shutil.rmtree": (0,),
-        "shutil.copyfile": (1,), "shutil.copytree": (1,), "shutil.move": (1,),
-    }
-    blocked = ("socket.", "ctypes.", "os.exec", "os.posix_spawn", "os.spawn", "os.system",
-               "os.forkpty", "pty.", "subprocess.", "gc.get_objects", "gc.get_referrers",
-               "gc.get_referents", "sys._current_frames", "sys._current_exceptions",
-               "sys.remote_exec", "cpython.remove_audit_hook")
-
-    def resolve(path):
-        if isinstance(path, int):
-            return None  # an open file descriptor: no new path
-        path = fspath(path)
-        if isinstance(path, bytes):
-            path = path.decode("utf-8", "surrogateescape")
-        return realpath(path)
-
-    def inside(path):
-        path = resolve(path)
-        return path is None or path == scratch or path.startswith(prefix)
-
-    def hook(event, args):
-        if event == "open":
-            path, flags = args[0], args[2]
-            if flags & write_flags and path not in writable and not inside(path):
-                raise PermissionError(f"sandbox: no writes outside the scratch dir: {path!r}")
-            resolved = resolve(path)
-            if resolved and resolved.startswith("/proc/") and resolved.endswith("/mem"):
-                raise PermissionError("sandbox: process memory is off limits")
-        elif event in path_events:
-            for i in path_events[event]:
-                if i < len(args) and not inside(args[i]):
-                    raise PermissionError(f"sandbox: {event} outside the scratch dir")
-        elif event.startswith(blocked):
-            raise PermissionError(f"sandbox: {event} is not allowed")
-        elif event == "object.__setattr__" and args[1] == "__code__":
-            raise PermissionError("sandbox: replacing __code__ is not allowed")
-        elif event in ("os.kill", "os.killpg") and not allow_kill and args[0] != getpid():
-            raise PermissionError("sandbox: signalling other processes is not allowed")
-
-    sys.addaudithook(hook)
-
-def _forward(pid):
-    """The outer process: wait for the inner one and exit the same way."""
-    _, status = os.waitpid(pid, 0)
-    if os.WIFSIGNALED(status):
-        sig = os.WTERMSIG(status)
-        if sig not in (signal.SIGKILL, signal.SIGSTOP):
-            signal.signal(sig, signal.SIG_DFL)
-        os.kill(os.getpid(), sig)
-    os._exit(os.waitstatus_to_exitcode(status) if os.WIFEXITED(status) else 70)
-
-def _run(cfg, token, source, is_root, layers):
-    """The inner process (pid 1 of the new pid namespace as root): set up, then run the code."""
-    write, exit_now, marker_fd = os.write, os._exit, cfg["marker_fd"]  # kept from user code
-    try:
-        if "mountns" in layers:
-            _mount_fs(cfg)
-        os.chdir(cfg["scratch"])  # again: a tmpfs may now be mounted over it
-        _limits(cfg)
-        # As pid 1 of a pid namespace the process ignores signals it has no handler for,
-        # SIGXCPU included: without this the CPU limit would only act at the hard limit.
-        signal.signal(signal.SIGXCPU, lambda *_: exit_now(4))
-        layers.append("rlimits")
-        if is_root:
-            _drop_privileges(cfg, layers)
-        libc, ctypes = _libc()
-        # after the uid switch, which clears it: die with the outer process
-        if libc.prctl(1, int(signal.SIGKILL), 0, 0, 0) != 0:  # PR_SET_PDEATHSIG
-            raise OSError("prctl(PR_SET_PDEATHSIG) failed")
-        if libc.prctl(38, 1, 0, 0, 0) != 0:  # PR_SET_NO_NEW_PRIVS: no setuid binaries
-            raise OSError("prctl(PR_SET_NO_NEW_PRIVS) failed")
-        if cfg["use_audit_hook"]:
-            _install_hook(os.path.realpath(cfg["scratch"]), allow_kill=is_root)
-            layers.append("audit")
-        write(marker_fd, (json.dumps(layers) + "\n").encode())
-    except BaseException:
-        traceback.print_exc()
-        exit_now(70)
-    namespace = {"__name__": "__main__", "__builtins__": __builtins__}
-    del cfg
-    try:
-        code, source = compile(source, "<sandbox>", "exec"), None  # compiled under the limits
-        exec(code, namespace)
-        write(marker_fd, token)
-        exit_code = 0
-    except BaseException as e:
-        try:
-            traceback.print_exc()
-        except BaseException:
-            pass
-        exit_code = 1 if isinstance(e, AssertionError) else 3 if isinstance(e, MemoryError) else 2
-    for stream in (sys.stdout, sys.stderr):
-        try:
-            stream.flush()
-        except BaseException:
-            pass
-    exit_now(exit_code)  # skips atexit handlers the code may have registered
-
-def _main():
-    cfg = json.loads(sys.argv[1])
-    token, _, source = sys.stdin.buffer.read().partition(b"\n")  # token: ran to the end
-    null = os.open("/dev/null", os.O_RDONLY)
-    os.dup2(null, 0)
-    os.close(null)
-    resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
-    is_root = os.geteuid() == 0
-    try:
-        _libc()
-        layers = _unshare(is_root) if cfg["use_namespaces"] else []
-        pid = os.fork()  # as root: the child is pid 1 of the new pid namespace
-    except BaseException:
-        traceback.print_exc()
-        os._exit(70)
-    if pid:
-        del token, source
-        _forward(pid)
-    _run(cfg, token, source, is_root, layers)
-
-_main()
-'''
-)
+_SANDBOX_PROCESSES = 2  # the outer process and the harness, on top of the candidate's own
+_WATCH_INTERVAL_S = 0.02  # the memory watcher's period (fallback without cgroups)
+_CHILD_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "sandbox_child.py")
+with open(_CHILD_PATH, encoding="utf-8") as _f:
+    CHILD_SOURCE = _f.read()  # run as `python -I -B -S -c CHILD_SOURCE CONFIG_JSON`
+BOOTSTRAP_TAG = CHILD_SOURCE.split("\n", 1)[0]  # first line: how tests find orphaned children
 
 
 @dataclass(frozen=True)
 class SandboxResult:
-    passed: bool  # the program ran to its end without an exception
+    passed: bool  # the tests (or, without tests, the code) ran to their end
     status: str  # ok | failed | error | timeout | memory | killed | sandbox_error
-    returncode: int | None  # of the child; negative: killed by that signal
+    returncode: int | None  # of the outer process; negative: killed by that signal
     stdout: str  # tail
     stderr: str  # tail
     wall_s: float
-    isolation: tuple[str, ...]  # layers set up in the child, see the module docstring
+    isolation: tuple[str, ...]  # layers set up for the run, see the module docstring
+    memory_peak_mb: float | None = None  # all the run's processes together, where measured
 
+
+# ---------------------------------------------------------------------------------------------
+# Per-run budgets: a cgroup where the machine allows it, else a watcher
+# ---------------------------------------------------------------------------------------------
+
+
+def _read(path: str) -> str:
+    with open(path) as f:
+        return f.read()
+
+
+def _write(path: str, text: str) -> None:
+    with open(path, "w") as f:
+        f.write(text)
+
+
+def _cgroup_mounts() -> dict[str, tuple[str, str]]:
+    """{"v2" or a v1 controller: (mount point, root of the mount)} from /proc/self/mountinfo."""
+    mounts = {}
+    for line in _read("/proc/self/mountinfo").splitlines():
+        left, _, right = line.partition(" - ")
+        fields, tail = left.split(), right.split()
+        if len(fields) < 5 or len(tail) < 3:
+            continue
+        if tail[0] == "cgroup2":
+            mounts.setdefault("v2", (fields[4], fields[3]))
+        elif tail[0] == "cgroup":
+            for option in tail[2].split(","):
+                if option in ("memory", "pids"):
+                    mounts.setdefault(option, (fields[4], fields[3]))
+    return mounts
+
+
+def _own_cgroup_dir(mount: tuple[str, str], path: str) -> str:
+    point, root = mount
+    relative = path[len(root) :] if root != "/" and path.startswith(root) else path
+    return os.path.join(point, relative.lstrip("/"))
+
+
+_cgroup_bases_cache: list[tuple[int, dict[str, str]]] = []
+
+
+def _cgroup_bases() -> tuple[int, dict[str, str]]:
+    """(version, {"memory": dir, "pids": dir}) under which per-run cgroups can be made, (0, {})
+    when none can (not root, no such controllers, or not delegated); computed once."""
+    if _cgroup_bases_cache:
+        return _cgroup_bases_cache[0]
+    found: tuple[int, dict[str, str]] = (0, {})
+    try:
+        if os.geteuid() == 0:
+            mounts = _cgroup_mounts()
+            paths = {}
+            for line in _read("/proc/self/cgroup").splitlines():
+                _, controllers, path = line.split(":", 2)
+                for name in controllers.split(",") if controllers else ["v2"]:
+                    paths[name] = path
+            if "v2" in mounts and "v2" in paths:
+                base = _own_cgroup_dir(mounts["v2"], paths["v2"])
+                if {"memory", "pids"} <= set(_read(f"{base}/cgroup.subtree_control").split()):
+                    found = (2, {"memory": base, "pids": base})
+            if not found[0] and {"memory", "pids"} <= set(mounts) & set(paths):
+                dirs = {c: _own_cgroup_dir(mounts[c], paths[c]) for c in ("memory", "pids")}
+                if all(os.access(d, os.W_OK) for d in dirs.values()):
+                    found = (1, dirs)
+    except (OSError, ValueError):
+        found = (0, {})
+    _cgroup_bases_cache.append(found)
+    return found
+
+
+class _RunCgroup:
+    """The cgroup(s) of one run: created with the limits, joined by the child, removed after."""
+
+    def __init__(self, memory_bytes: int, max_pids: int) -> None:
+        self.version, bases = _cgroup_bases()
+        if not self.version:
+            raise OSError("no cgroup available")
+        name = f"llada_sandbox_{os.getpid()}_{secrets.token_hex(6)}"
+        self.dirs: list[str] = []
+        try:
+            if self.version == 2:
+                self.memory = self.pids = self._make(bases["memory"], name)
+                _write(f"{self.memory}/memory.max", str(memory_bytes))
+                _write(f"{self.memory}/memory.swap.max", "0")
+            else:
+                self.memory = self._make(bases["memory"], name)
+                self.pids = self._make(bases["pids"], name)
+                _write(f"{self.memory}/memory.limit_in_bytes", str(memory_bytes))
+                try:  # exists only with swap accounting; without it there is no swap to use
+                    _write(f"{self.memory}/memory.memsw.limit_in_bytes", str(memory_bytes))
+                except OSError:
+                    pass
+            _write(f"{self.pids}/pids.max", str(max_pids))
+        except BaseException:
+            self.remove()
+            raise
+
+    def _make(self, base: str, name: str) -> str:
+        path = os.path.join(base, name)
+        os.mkdir(path)
+        self.dirs.append(path)
+        return path
+
+    @property
+    def procs_files(self) -> list[str]:
+        return [f"{d}/cgroup.procs" for d in self.dirs]
+
+    def peak_bytes(self) -> int | None:
+        name = "memory.peak" if self.version == 2 else "memory.max_usage_in_bytes"
+        try:
+            return int(_read(f"{self.memory}/{name}"))
+        except (OSError, ValueError):
+            return None  # memory.peak needs Linux >= 5.19
+
+    def oom_kills(self) -> int:
+        name = "memory.events" if self.version == 2 else "memory.oom_control"
+        try:
+            for line in _read(f"{self.memory}/{name}").splitlines():
+                key, _, value = line.partition(" ")
+                if key == "oom_kill":
+                    return int(value)
+        except (OSError, ValueError):
+            pass
+        return 0
+
+    def kill_all(self) -> None:
+        """SIGKILL every process of the run until none is left (a fork bomb races the first
+        rounds)."""
+        for _ in range(200):
+            pids = set()
+            for path in self.procs_files:
+                try:
+                    pids.update(int(p) for p in _read(path).split())
+                except (OSError, ValueError):
+                    pass
+            if not pids:
+                return
+            for pid in pids:
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except OSError:
+                    pass
+            time.sleep(0.005)
+
+    def remove(self) -> None:
+        for path in reversed(self.dirs):
+            for _ in range(200):  # a killed process leaves its cgroup a moment later
+                try:
+                    os.rmdir(path)
+                    break
+                except FileNotFoundError:
+                    break
+                except OSError:
+                    time.sleep(0.005)
+        self.dirs = []
+
+
+@dataclass
+class _WatchedRun:
+    root_pid: int
+    uids: tuple[int, ...]
+    budget_bytes: int
+    peak_bytes: int = 0
+    is_over: bool = False
+
+
+class _MemoryWatcher:
+    """One thread summing the memory of each watched run every `_WATCH_INTERVAL_S` and killing a
+    run over its budget (the fallback without cgroups, see the module docstring)."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.runs: dict[int, _WatchedRun] = {}
+        self.thread: threading.Thread | None = None
+
+    def add(self, run: _WatchedRun) -> None:
+        with self.lock:
+            self.runs[id(run)] = run
+            if self.thread is None or not self.thread.is_alive():
+                self.thread = threading.Thread(target=self._loop, name="sandbox-memwatch")
+                self.thread.daemon = True
+                self.thread.start()
+
+    def remove(self, run: _WatchedRun) -> None:
+        with self.lock:
+            self.runs.pop(id(run), None)
+
+    def _loop(self) -> None:
+        while True:
+            with self.lock:
+                runs = list(self.runs.values())
+                if not runs:
+                    self.thread = None
+                    return
+            self.check(runs)
+            time.sleep(_WATCH_INTERVAL_S)
+
+    @staticmethod
+    def check(runs: list[_WatchedRun]) -> None:
+        """One pass: the memory of every process, summed per run; runs over budget are killed."""
+        table = _process_table()
+        for run in runs:
+            members = _run_members(table, run.root_pid, run.uids)
+            total = sum(_resident_private_bytes(pid) for pid in members)
+            run.peak_bytes = max(run.peak_bytes, total)
+            if total > run.budget_bytes:
+                run.is_over = True
+                for pid in members:
+                    try:
+                        os.kill(pid, signal.SIGKILL)
+                    except OSError:
+                        pass
+
+
+_watcher = _MemoryWatcher()
+
+
+def _process_table() -> dict[int, tuple[int, int]]:
+    """pid -> (parent pid, uid) of every live (non-zombie) process."""
+    table = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                uid = os.stat(f"/proc/{entry}").st_uid
+                with open(f"/proc/{entry}/stat", "rb") as f:
+                    fields = f.read().rpartition(b")")[2].split()
+            except OSError:
+                continue  # the process ended meanwhile
+            if len(fields) > 1 and fields[0] not in (b"Z", b"X"):
+                table[int(entry)] = (int(fields[1]), uid)
+    return table
+
+
+def _run_members(table: dict[int, tuple[int, int]], root_pid: int, uids: tuple[int, ...]) -> list:
+    """Processes of a run: `root_pid`, its descendants, and every process of the run's uids."""
+    members = []
+    for pid, (_, uid) in table.items():
+        if uid in uids:
+            members.append(pid)
+            continue
+        cur = pid
+        for _ in range(64):
+            if cur == root_pid:
+                members.append(pid)
+                break
+            cur = table.get(cur, (0, 0))[0]
+            if cur <= 1:
+                break
+    return members
+
+
+def _resident_private_bytes(pid: int) -> int:
+    """RssAnon + RssShmem of a process (0 if it is gone)."""
+    total = 0
+    try:
+        with open(f"/proc/{pid}/status", "rb") as f:
+            for line in f:
+                if line.startswith((b"RssAnon:", b"RssShmem:")):
+                    total += int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        return 0
+    return total
+
+
+# ---------------------------------------------------------------------------------------------
+# Runs
+# ---------------------------------------------------------------------------------------------
 
 _uids_in_use: set[int] = set()
 _uids_lock = threading.Lock()
@@ -356,19 +413,7 @@ def _claim_uid() -> int:
 
 def _pids_of_uid(uid: int) -> list[int]:
     """Live (non-zombie) processes of `uid`."""
-    pids = []
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                if os.stat(f"/proc/{entry}").st_uid != uid:
-                    continue
-                with open(f"/proc/{entry}/stat", "rb") as f:
-                    state = f.read().rpartition(b")")[2].split()[0]
-            except (OSError, IndexError):
-                continue  # the process ended meanwhile
-            if state not in (b"Z", b"X"):  # a zombie is dead already; its parent reaps it
-                pids.append(int(entry))
-    return pids
+    return [pid for pid, (_, owner) in _process_table().items() if owner == uid]
 
 
 def _kill_uid(uid: int) -> None:
@@ -391,16 +436,20 @@ def _tail(f) -> str:
     return f.read().decode("utf-8", "replace")
 
 
-def _status(returncode: int | None, is_timeout: bool, is_complete: bool) -> str:
-    if is_timeout or returncode in (_EXIT_CPU, -signal.SIGXCPU):  # wall clock or CPU limit
-        return "timeout"
-    if returncode == 0:
-        return "ok" if is_complete else "error"  # exit(0) before the end
-    if returncode == _EXIT_FAILED:
-        return "failed"
-    if returncode == _EXIT_MEMORY:
+
+
+def _status(verdict: dict, returncode: int | None, is_timeout: bool, is_over_memory: bool) -> str:
+    """The run's status: the harness's verdict unless the run was stopped from outside."""
+    if is_over_memory:
         return "memory"
-    if returncode == _EXIT_SANDBOX:
+    if is_timeout:
+        return "timeout"
+    status = verdict.get("status")
+    if status in sandbox_child.STATUS_CODES and returncode == sandbox_child.STATUS_CODES[status]:
+        return status
+    if returncode == 4 or returncode == -signal.SIGXCPU:  # the harness's CPU limit
+        return "timeout"
+    if returncode == 70:
         return "sandbox_error"
     return "killed" if returncode is not None and returncode < 0 else "error"
 
@@ -408,6 +457,9 @@ def _status(returncode: int | None, is_timeout: bool, is_complete: bool) -> str:
 def run_python(
     code: str,
     *,
+    tests: str | None = None,
+    entry_point: str | None = None,
+    setup: str | None = None,
     timeout_s: float = 5.0,
     cpu_s: float | None = None,
     memory_mb: int = 512,
@@ -415,88 +467,120 @@ def run_python(
     max_file_mb: int = 8,
     scratch_mb: int = 64,
     max_files: int = 64,
+    max_message_mb: int = 16,
     use_namespaces: bool = True,
     use_audit_hook: bool = True,
+    use_cgroup: bool = True,
 ) -> SandboxResult:
-    """Run `code` as a script in a sandbox (see the module docstring); never raises.
+    """Run `code`, then the trusted `tests` against its `entry_point` (see the module docstring);
+    never raises.
 
-    timeout_s: wall clock; cpu_s: CPU seconds (default: timeout_s, rounded up); memory_mb: address
-    space; max_processes: processes and threads of the run; max_file_mb: largest file, stdout and
-    stderr included; scratch_mb: size of the scratch tmpfs; max_files: open file descriptors.
-    use_namespaces / use_audit_hook: switch a layer off, only to test the others alone.
+    tests: trusted source run in the harness, `entry_point` bound to the candidate's function;
+    None: `passed` means `code` ran to its end. setup: trusted source run in the harness first.
+    timeout_s: wall clock; cpu_s: CPU seconds per process (default: timeout_s, rounded up);
+    memory_mb: all the run's processes together (the cgroup or the watcher), and the address
+    space of each; max_processes: processes and threads of the candidate, all together;
+    max_file_mb: largest file, stdout and stderr included; scratch_mb: size of the scratch tmpfs;
+    max_files: open file descriptors; max_message_mb: largest value crossing to the harness.
+    use_namespaces / use_audit_hook / use_cgroup: switch a layer off, only to test the others.
     """
     start = time.perf_counter()
     is_root = os.geteuid() == 0
-    uid = None
+    uids: list[int] = []
     scratch = None
     proc = None
+    cgroup = None
+    watched = None
     try:
-        uid = _claim_uid() if is_root else None
+        if is_root:
+            uids = [_claim_uid(), _claim_uid()]  # the candidate's, the harness's
         scratch = tempfile.mkdtemp(prefix="llada_sandbox_")
-        if uid is not None:
-            os.chown(scratch, uid, uid)  # the host dir is the scratch dir without a mount ns
+        if uids:
+            os.chown(
+                scratch, uids[0], uids[0]
+            )  # the host dir is the scratch dir without a mount ns
         os.chmod(scratch, 0o700)
-        token = secrets.token_hex(16)
+        isolation = []
+        if use_cgroup and _cgroup_bases()[0]:
+            cgroup = _RunCgroup(memory_mb << 20, max_processes + _SANDBOX_PROCESSES)
         with (
             tempfile.TemporaryFile() as stdin,
             tempfile.TemporaryFile() as stdout,
             tempfile.TemporaryFile() as stderr,
-            tempfile.TemporaryFile() as marker,
+            tempfile.TemporaryFile() as verdict_file,
         ):
-            if uid is not None:  # lets the code reopen them, e.g. as /dev/stdout
-                os.fchown(stdout.fileno(), uid, uid)
-                os.fchown(stderr.fileno(), uid, uid)
-            stdin.write(token.encode() + b"\n" + code.encode("utf-8", "surrogatepass"))
+            if uids:  # lets the code reopen them, e.g. as /dev/stdout
+                for f in (stdout, stderr):
+                    os.fchown(f.fileno(), uids[0], uids[0])
+            job = {"code": code, "tests": tests, "entry_point": entry_point, "setup": setup}
+            stdin.write(json.dumps(job).encode("utf-8", "surrogatepass"))
             stdin.seek(0)
             config = {
                 "scratch": os.path.realpath(scratch),
-                "uid": uid,
+                "uid": uids[0] if uids else None,
+                "harness_uid": uids[1] if uids else None,
                 "cpu_s": max(1, math.ceil(cpu_s if cpu_s is not None else timeout_s)),
                 "memory_bytes": memory_mb << 20,
                 "max_processes": max_processes,
                 "file_bytes": max_file_mb << 20,
                 "scratch_bytes": scratch_mb << 20,
                 "max_files": max_files,
-                "marker_fd": marker.fileno(),
+                "max_message_bytes": max_message_mb << 20,
+                "verdict_fd": verdict_file.fileno(),
+                "cgroup_procs": cgroup.procs_files if cgroup else [],
                 "use_namespaces": use_namespaces,
                 "use_audit_hook": use_audit_hook,
             }
             env = {"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8", "HOME": scratch, "TMPDIR": scratch}
             proc = subprocess.Popen(
-                [sys.executable, "-I", "-B", "-S", "-c", BOOTSTRAP, json.dumps(config)],
+                [sys.executable, "-I", "-B", "-S", "-c", CHILD_SOURCE, json.dumps(config)],
                 stdin=stdin,
                 stdout=stdout,
                 stderr=stderr,
                 cwd=scratch,
                 env=env,
-                pass_fds=(marker.fileno(),),
+                pass_fds=(verdict_file.fileno(),),
                 start_new_session=True,  # its own process group, killed as a whole below
             )
+            if cgroup is None:
+                watched = _WatchedRun(proc.pid, tuple(uids), memory_mb << 20)
+                _watcher.add(watched)
+                isolation.append("memwatch")
             is_timeout = False
             try:
                 proc.wait(timeout=timeout_s)
             except subprocess.TimeoutExpired:
                 is_timeout = True
-            _cleanup(proc, uid)
-            marker.seek(0)
-            marker_text = marker.read().decode("utf-8", "replace")
-            is_complete = proc.returncode == 0 and token in marker_text
+            if watched is not None:
+                _watcher.remove(watched)
+            _cleanup(proc, uids, cgroup)
+            verdict_file.seek(0)
             try:
-                isolation = tuple(json.loads(marker_text.split("\n", 1)[0]))
-            except ValueError:
-                isolation = ()
+                verdict = json.loads(verdict_file.read(1 << 16))
+                assert isinstance(verdict, dict)
+            except (ValueError, AssertionError):
+                verdict = {}
+            is_over = bool(watched and watched.is_over) or bool(cgroup and cgroup.oom_kills())
+            status = _status(verdict, proc.returncode, is_timeout, is_over)
+            if cgroup is not None:
+                peak = cgroup.peak_bytes()
+            else:
+                peak = watched.peak_bytes if watched else None
             return SandboxResult(
-                passed=is_complete and not is_timeout,
-                status=_status(proc.returncode, is_timeout, is_complete),
+                passed=status == "ok" and proc.returncode == 0,
+                status=status,
                 returncode=proc.returncode,
                 stdout=_tail(stdout),
                 stderr=_tail(stderr),
                 wall_s=time.perf_counter() - start,
-                isolation=isolation,
+                isolation=tuple(verdict.get("layers", [])) + tuple(isolation),
+                memory_peak_mb=None if peak is None else peak / 2**20,
             )
     except BaseException as e:  # the sandbox itself failed: report it, never raise
+        if watched is not None:
+            _watcher.remove(watched)
         if proc is not None:
-            _cleanup(proc, uid)
+            _cleanup(proc, uids, cgroup)
         if isinstance(e, KeyboardInterrupt):
             raise
         return SandboxResult(
@@ -509,35 +593,27 @@ def run_python(
             isolation=(),
         )
     finally:
+        if cgroup is not None:
+            cgroup.remove()
         if scratch is not None:
             shutil.rmtree(scratch, ignore_errors=True)
-        if uid is not None:
+        if uids:
             with _uids_lock:
-                _uids_in_use.discard(uid)
+                _uids_in_use.difference_update(uids)
 
 
 def _children(pid: int) -> list[int]:
-    """Processes whose parent is `pid` (the outer process has one: the inner one)."""
-    children = []
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                with open(f"/proc/{entry}/stat", "rb") as f:
-                    if int(f.read().rpartition(b")")[2].split()[1]) == pid:
-                        children.append(int(entry))
-            except (OSError, IndexError, ValueError):
-                pass
-    return children
+    """Processes whose parent is `pid` (the outer process has one: init)."""
+    return [child for child, (parent, _) in _process_table().items() if parent == pid]
 
 
-def _cleanup(proc: subprocess.Popen, uid: int | None) -> None:
+def _cleanup(proc: subprocess.Popen, uids: list[int], cgroup: _RunCgroup | None) -> None:
     """Kill whatever is left of the run and reap the child; bounded in time.
 
-    The inner process dies first: it is pid 1 of the run's pid namespace, so the kernel then
-    kills the rest of the namespace, and the (trusted) outer process reaps it and exits; killing
-    both at once would leave the inner one a zombie wherever the host's init does not reap. As
-    root, every process of the run's uid is killed too, and the process group covers runs
-    without namespaces.
+    Init dies first: it is pid 1 of the run's pid namespace, so the kernel then kills the rest
+    of the namespace, and the (trusted) outer process reaps it and exits; killing both at once
+    would leave init a zombie wherever the host's init does not reap. Then every process of the
+    cgroup and of the run's uids, and the process group for runs without namespaces.
     """
     if proc.poll() is None:
         for pid in _children(proc.pid):
@@ -545,7 +621,9 @@ def _cleanup(proc: subprocess.Popen, uid: int | None) -> None:
                 os.kill(pid, signal.SIGKILL)
             except OSError:
                 pass
-    if uid is not None:
+    if cgroup is not None:
+        cgroup.kill_all()
+    for uid in uids:
         _kill_uid(uid)
     try:
         proc.wait(timeout=1.0)
@@ -559,6 +637,8 @@ def _cleanup(proc: subprocess.Popen, uid: int | None) -> None:
         proc.wait(timeout=5.0)
     except subprocess.TimeoutExpired:
         pass  # stuck in the kernel: give up rather than hang the caller
+    if cgroup is not None:
+        cgroup.kill_all()  # the outer process itself is a member until it is reaped
 
 
 def run_many(
