@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import socket
 import tempfile
+import threading
 import time
 import uuid
 
@@ -268,4 +269,239 @@ def test_run_many_keeps_the_order():
     results = run_many(codes, max_workers=4, timeout_s=1.0)
     assert [r.status for r in results] == ["ok", "failed", "ok", "timeout"]
     assert results[2].stdout == "42\n"
+    _assert_clean()
+
+
+# ---------------------------------------------------------------------------------------------
+# Forgery: a candidate that fails the tests must not pass by attacking the proof of success
+# ---------------------------------------------------------------------------------------------
+
+TESTS = "assert add(2, 3) == 5\nassert add(-1, 1) == 0"
+FORGED_VERDICT = '{"status": "ok", "layers": []}'
+# After the attack, the candidate's `add` is wrong: only a forged verdict could pass.
+WRONG_ADD = "\ndef add(a, b):\n    return 0\n"
+WRITE_EVERYWHERE = (
+    "import os\n"
+    "def _forge():\n"
+    f"    for fd in range(3, 1024):\n"
+    "        try:\n"
+    f"            os.write(fd, {FORGED_VERDICT!r}.encode())\n"
+    "        except OSError:\n"
+    "            pass\n"
+)
+HOSTILE = {
+    # walk the frames up from the candidate's code to whatever ran it; write to what is found
+    "frames": WRITE_EVERYWHERE
+    + "import sys\nf = sys._getframe()\nfound = []\nwhile f is not None:\n"
+    "    found += [v for v in f.f_locals.values() if isinstance(v, (int, dict))]\n"
+    "    f = f.f_back\n"
+    "for v in found:\n"
+    "    if isinstance(v, dict) and 'verdict_fd' in v:\n"
+    "        v['verdict_fd'] and os.write(v['verdict_fd'], b'x')\n"
+    "_forge()\n",
+    # the same through a traceback's frames
+    "traceback": WRITE_EVERYWHERE
+    + "try:\n    raise ValueError\nexcept ValueError as e:\n    f = e.__traceback__.tb_frame\n"
+    "while f.f_back is not None:\n    f = f.f_back\n_forge()\n",
+    # inspect's view of the stack
+    "inspect": WRITE_EVERYWHERE + "import inspect\nassert len(inspect.stack()) >= 1\n_forge()\n",
+    # every descriptor the process holds or can name, and the pipe to the harness
+    "fds": WRITE_EVERYWHERE + "_forge()\nimport os\nos.write(4, b'{\"ready\": true}\\n')\n",
+    # the harness's descriptors and memory through /proc, then killing it
+    "proc_of_harness": "import os, signal\nfor path in ('/proc/1/fd/3', '/proc/1/mem'):\n"
+    "    try:\n        open(path, 'w').write('x')\n    except OSError:\n        pass\n"
+    "try:\n    os.kill(1, signal.SIGKILL)\nexcept OSError:\n    pass\n",
+    # gc: find and disarm the audit hook's rule, then write everywhere
+    "gc": WRITE_EVERYWHERE
+    + "import gc\ntry:\n    objs = gc.get_objects()\nexcept PermissionError:\n    objs = []\n"
+    "_forge()\n",
+    # the audit hook itself: rebind what it reads, replace code it runs
+    "audit_hook": WRITE_EVERYWHERE + "import sys\nmain = sys.modules['__main__']\n"
+    "for name in dir(main):\n    try:\n        setattr(main, name, None)\n    except Exception:\n"
+    "        pass\n"
+    "try:\n    (lambda: 0).__code__ = (lambda: 1).__code__\nexcept PermissionError:\n    pass\n"
+    "_forge()\n",
+    # skip the failing asserts with a tracer (works on tests run in the same process)
+    "settrace": "import sys\n"
+    "def tracer(frame, event, arg):\n"
+    "    if event == 'line' and frame.f_code.co_filename == '<tests>':\n"
+    "        frame.f_lineno = frame.f_lineno + 1\n"
+    "    return tracer\nsys.settrace(tracer)\n",
+    # patch the exception that failing asserts raise, and exit(0) at exit
+    "builtins": "import builtins, atexit, os\n"
+    "builtins.AssertionError = type('X', (Exception,), {})\n"
+    "atexit.register(lambda: os._exit(0))\n",
+    # exit with success before the tests run
+    "early_exit": "import os\nos._exit(0)\n",
+}
+
+
+@pytest.mark.parametrize("use_audit_hook", [True, False])
+@pytest.mark.parametrize("kind", sorted(HOSTILE))
+def test_forged_success_does_not_pass(kind, use_audit_hook):
+    if not use_audit_hook and not IS_ROOT:
+        pytest.skip("without root the kernel layers cannot hold alone")
+    control = run_python(
+        HOSTILE[kind] + "\ndef add(a, b):\n    return a + b\n",
+        tests=TESTS,
+        entry_point="add",
+        use_audit_hook=use_audit_hook,
+    )
+    hostile = run_python(
+        HOSTILE[kind] + WRONG_ADD, tests=TESTS, entry_point="add", use_audit_hook=use_audit_hook
+    )
+    assert not hostile.passed, (kind, hostile)
+    assert "NameError" not in hostile.stderr and "SyntaxError" not in hostile.stderr
+    if kind in ("proc_of_harness", "settrace", "builtins"):  # attacks that spare the candidate
+        assert hostile.status == "failed", (kind, hostile)
+        assert control.passed, (kind, control.stderr)  # a right answer still passes: the
+        # wrong one failed the tests, not the attack
+    _assert_clean()
+
+
+@pytest.mark.parametrize(
+    "code",
+    [
+        # an object that equals everything
+        "class A:\n    def __eq__(self, other):\n        return True\n"
+        "    __hash__ = object.__hash__\ndef add(a, b):\n    return A()\n",
+        # an int subclass that equals everything
+        "class I(int):\n    def __eq__(self, other):\n        return True\n"
+        "    __hash__ = int.__hash__\ndef add(a, b):\n    return I(0)\n",
+        # a list subclass, a str subclass
+        "class L(list):\n    def __eq__(self, other):\n        return True\n"
+        "def add(a, b):\n    return L()\n",
+        "class S(str):\n    def __eq__(self, other):\n        return True\n"
+        "    __hash__ = str.__hash__\ndef add(a, b):\n    return S('x')\n",
+        # a plain container holding a fake
+        "class A:\n    def __eq__(self, other):\n        return True\n"
+        "def add(a, b):\n    return [A()]\n",
+        # an exception carrying an object whose __str__ raises
+        "class E(Exception):\n    def __str__(self):\n        raise SystemExit(0)\n"
+        "def add(a, b):\n    raise E()\n",
+    ],
+)
+def test_objects_faking_equality_do_not_pass(code):
+    tests = "assert add(2, 3) == 5\nassert add(1, 1) == [0]\nassert add(0, 0) == 'x'"
+    result = run_python(code, tests=tests, entry_point="add")
+    assert (result.passed, result.status) == (False, "error"), result
+
+
+@pytest.mark.parametrize(
+    "value",
+    ["5", "5.0", "True", "'5'", "(5,)", "[5, [6]]", "{'a': (1, 2.5)}", "{1, 2}", "b'x'", "1j"],
+)
+def test_plain_values_reach_the_tests_as_builtins(value):
+    tests = f"v = add(2, 3)\nassert v == {value} and type(v) is type({value})"
+    result = run_python(f"def add(a, b):\n    return {value}\n", tests=tests, entry_point="add")
+    assert result.passed, result.stderr
+
+
+def test_candidate_errors_reach_the_tests():
+    code = "def add(a, b):\n    if a < 0:\n        raise ValueError('negative')\n    return a + b\n"
+    tests = "try:\n    add(-1, 2)\nexcept ValueError as e:\n    assert str(e) == 'negative'\n"
+    tests += "else:\n    raise AssertionError('no error')\nassert add(2, 3) == 5"
+    assert run_python(code, tests=tests, entry_point="add").passed
+
+
+@pytest.mark.parametrize(
+    "reply, status",
+    [
+        ('{"return": {"tuple": "x"}}', "error"),  # malformed value
+        ('{"return": ' + "[" * 5000 + "]" * 5000 + "}", "error"),  # nested beyond any limit
+        ('{"raised": ["SystemExit", "0"]}', "error"),  # not an Exception: a plain one
+        ('{"raised": ["AssertionError", "x"]}', "failed"),
+        ("not json", "error"),
+    ],
+)
+def test_forged_replies_are_rejected(reply, status):
+    # the candidate answers the harness's first call itself on the reply pipe
+    code = (
+        "import os, sys\ndef add(a, b):\n"
+        f"    os.write(sys.modules['__main__'].__dict__.get('_fd', 0) or _fd, {reply!r}.encode()"
+        " + b'\\n')\n    os._exit(0)\n"
+        "_fd = [fd for fd in range(3, 64) if os.path.exists(f'/proc/self/fd/{fd}') and "
+        "os.readlink(f'/proc/self/fd/{fd}').startswith('pipe:')][-1]\n"
+    )
+    result = run_python(code, tests="assert add(2, 3) == 5", entry_point="add")
+    assert (result.passed, result.status) == (False, status), result
+
+
+def test_reply_over_the_message_limit_fails():
+    code = "def add(a, b):\n    return 'x' * (3 << 20)\n"
+    result = run_python(code, tests="add(1, 2)", entry_point="add", max_message_mb=1)
+    assert (result.passed, result.status) == (False, "error")
+
+
+# ---------------------------------------------------------------------------------------------
+# Per-run budgets: all the run's processes together
+# ---------------------------------------------------------------------------------------------
+
+# Ten children each touch 64 MiB and then wait: 640 MiB per run if the budget were per process.
+MEMORY_HOG = (
+    "import os, time\nfor i in range(10):\n    if os.fork() == 0:\n"
+    "        block = bytearray(64 << 20)\n"
+    "        for j in range(0, len(block), 4096):\n            block[j] = 1\n"
+    "        time.sleep(2)\n        os._exit(0)\n    time.sleep(0.05)\n"
+    "for i in range(10):\n    os.wait()\n"
+)
+
+
+def _run_memory_bytes(stop: threading.Event, peak: list[int]) -> None:
+    """Sample the anonymous memory of all our descendants (the sandbox runs) until `stop`:
+    proportional set sizes, so pages forked processes share count once."""
+    while not stop.is_set():
+        total = 0
+        for pid in _leftover_processes():
+            try:
+                with open(f"/proc/{pid}/smaps_rollup", "rb") as f:
+                    for line in f:
+                        if line.startswith((b"Pss_Anon:", b"Pss_Shmem:")):
+                            total += int(line.split()[1]) * 1024
+            except (OSError, ValueError):
+                pass
+        peak[0] = max(peak[0], total)
+        time.sleep(0.01)
+
+
+@pytest.mark.parametrize("budget", ["cgroup", "memwatch"])
+def test_memory_budget_is_a_total_over_the_run(budget):
+    if budget == "cgroup" and not _has_layer("cgroup"):
+        pytest.skip("no usable cgroup on this machine: the watcher is the budget")
+    stop, peak = threading.Event(), [0]
+    sampler = threading.Thread(target=_run_memory_bytes, args=(stop, peak))
+    sampler.start()
+    try:
+        result = run_python(MEMORY_HOG, timeout_s=8.0, memory_mb=256, use_cgroup=budget == "cgroup")
+    finally:
+        stop.set()
+        sampler.join()
+    assert budget in result.isolation
+    assert not result.passed
+    # measured from outside: never near the 640 MiB the children would hold per process
+    budget_bytes = 256 << 20
+    # The interpreter's start-up memory (~5 MiB, shared by its forks) is allocated before the
+    # outer process joins its cgroup, so it is charged to us; the watcher acts within a period.
+    slack = (16 << 20) if budget == "cgroup" else (64 << 20)
+    assert peak[0] <= budget_bytes + slack, peak[0] / 2**20
+    assert result.memory_peak_mb is not None and result.memory_peak_mb <= 256 + slack / 2**20
+    if budget == "memwatch":
+        assert result.status == "memory"
+    _assert_clean()
+
+
+def test_process_budget_counts_every_process_of_the_run():
+    # grandchildren count too: each child forks again; at most max_processes at once
+    code = (
+        "import os, time\nalive = 0\nfor _ in range(20):\n    try:\n        pid = os.fork()\n"
+        "    except OSError:\n        break\n    if pid == 0:\n        try:\n"
+        "            if os.fork() == 0:\n                time.sleep(30)\n"
+        "        except OSError:\n            pass\n        time.sleep(30)\n        os._exit(0)\n"
+        "    alive += 1\n    time.sleep(0.02)\n"
+        "print(len([p for p in os.listdir('/proc') if p.isdigit()]))"
+    )
+    result = run_python(code, timeout_s=10.0, max_processes=8)
+    assert result.status == "ok", result.stderr
+    if _has_layer("pidns"):  # the run's own /proc: its processes, the harness included
+        assert int(result.stdout) <= 8 + 1
     _assert_clean()

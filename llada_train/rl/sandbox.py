@@ -46,9 +46,10 @@ tests/test_sandbox.py with the audit hook off):
 - "cgroup": one memory + pids cgroup per run (v2 where the caller's cgroup delegates the memory
   and pids controllers, else v1), created under the caller's own cgroup: `memory_mb` caps the
   memory of all the run's processes together (anonymous, page cache and its tmpfs scratch; no
-  swap), `max_processes` + 2 (the outer process and the harness) caps their number. The kernel
-  enforces both: a run cannot exceed them even for an instant; an OOM kill inside the run gives
-  status "memory".
+  swap; what the outer interpreter allocated while starting, ~5 MiB, before it joined, stays
+  charged to the caller), `max_processes` + 2 (the outer process and the harness) caps their
+  number. The kernel enforces both: a run cannot exceed them even for an instant; an OOM kill
+  inside the run gives status "memory".
 - "netns": a new, empty network namespace: not even loopback is up.
 - "mountns": every mount remounted read-only, the scratch directory a fresh size-limited tmpfs
   (the only writable place), a directory the sandbox uid could not traverse on the way to the
@@ -436,8 +437,6 @@ def _tail(f) -> str:
     return f.read().decode("utf-8", "replace")
 
 
-
-
 def _status(verdict: dict, returncode: int | None, is_timeout: bool, is_over_memory: bool) -> str:
     """The run's status: the harness's verdict unless the run was stopped from outside."""
     if is_over_memory:
@@ -503,6 +502,7 @@ def run_python(
         isolation = []
         if use_cgroup and _cgroup_bases()[0]:
             cgroup = _RunCgroup(memory_mb << 20, max_processes + _SANDBOX_PROCESSES)
+            isolation.append("cgroup")
         with (
             tempfile.TemporaryFile() as stdin,
             tempfile.TemporaryFile() as stdout,
@@ -573,7 +573,7 @@ def run_python(
                 stdout=_tail(stdout),
                 stderr=_tail(stderr),
                 wall_s=time.perf_counter() - start,
-                isolation=tuple(verdict.get("layers", [])) + tuple(isolation),
+                isolation=tuple(isolation) + tuple(verdict.get("layers", [])),
                 memory_peak_mb=None if peak is None else peak / 2**20,
             )
     except BaseException as e:  # the sandbox itself failed: report it, never raise

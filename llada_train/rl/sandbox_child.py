@@ -5,7 +5,7 @@ so that the child imports nothing from the project or site-packages), with stdin
 JSON: {"code": candidate source, "tests": trusted test source or null, "entry_point": name or
 null, "setup": trusted source run before the tests or null}. Importing this module has no side
 effect: `main()` runs only as a script, and the pure helpers (`encode`, `decode`,
-`write_event_violation`, `status_of_exception`) are unit-tested in-process.
+`audit_rule`, `status_of_exception`) are unit-tested in-process.
 
 Processes of one run (root caller; see `sandbox.py` for the layers):
     outer   joins the run's cgroups, unshares namespaces, forks `init`, waits, exits as it did.
@@ -290,7 +290,7 @@ def _join_cgroups(paths: list[str]) -> list[str]:
     for path in paths:
         with open(path, "w") as f:
             f.write(str(os.getpid()))
-    return ["cgroup"] if paths else []
+    return []  # the parent reports the layer: a failure to join ends the run here
 
 
 def _unshare(is_root: bool) -> list[str]:
@@ -351,74 +351,71 @@ def _become(uid: int) -> None:
 # The audit hook of the candidate process
 # ---------------------------------------------------------------------------------------------
 
-WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_TRUNC
-PATH_EVENTS = {  # event -> positions of the paths it modifies
-    "os.remove": (0,),
-    "os.rmdir": (0,),
-    "os.mkdir": (0,),
-    "os.rename": (0, 1),
-    "os.link": (1,),
-    "os.symlink": (1,),
-    "os.truncate": (0,),
-    "os.chmod": (0,),
-    "os.chown": (0,),
-    "os.utime": (0,),
-    "os.mkfifo": (0,),
-    "os.mknod": (0,),
-    "os.setxattr": (0,),
-    "os.removexattr": (0,),
-    "shutil.rmtree": (0,),
-    "shutil.copyfile": (1,),
-    "shutil.copytree": (1,),
-    "shutil.move": (1,),
-}
-BLOCKED_EVENTS = (
-    "socket.",
-    "ctypes.",
-    "os.exec",
-    "os.posix_spawn",
-    "os.spawn",
-    "os.system",
-    "os.forkpty",
-    "pty.",
-    "subprocess.",
-)
-WRITABLE = frozenset(("/dev/null", "/dev/stdout", "/dev/stderr"))
 
-
-def write_event_violation(event: str, args: tuple, scratch: str, realpath=os.path.realpath) -> str:
-    """Why the audit event is refused in the candidate process, "" if it is allowed. Writes are
-    allowed only inside `scratch` (a realpath); sockets, ctypes and starting programs never."""
+def audit_rule(scratch: str):
+    """`rule(event, args) -> str`: why an audit event is refused in the candidate process, ""
+    if it is allowed. Writes are allowed only inside `scratch` (a realpath); sockets, ctypes,
+    starting programs, gc traversal, other threads' frames and replacing a function's code or
+    defaults never. Everything the rule reads is bound here, in its closure and defaults, not in
+    module globals that the candidate could rebind (the rule is reachable only through gc, which
+    it refuses)."""
     prefix = scratch.rstrip("/") + "/"
+    write_flags = os.O_WRONLY | os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_TRUNC
+    writable = frozenset(("/dev/null", "/dev/stdout", "/dev/stderr"))
+    path_events = tuple(  # (event, positions of the paths it modifies)
+        {
+            "os.remove": (0,), "os.rmdir": (0,), "os.mkdir": (0,), "os.rename": (0, 1),
+            "os.link": (1,), "os.symlink": (1,), "os.truncate": (0,), "os.chmod": (0,),
+            "os.chown": (0,), "os.utime": (0,), "os.mkfifo": (0,), "os.mknod": (0,),
+            "os.setxattr": (0,), "os.removexattr": (0,), "shutil.rmtree": (0,),
+            "shutil.copyfile": (1,), "shutil.copytree": (1,), "shutil.move": (1,),
+        }.items()
+    )  # fmt: skip
+    blocked = (
+        "socket.", "ctypes.", "os.exec", "os.posix_spawn", "os.spawn", "os.system",
+        "os.forkpty", "pty.", "subprocess.", "gc.get_objects", "gc.get_referrers",
+        "gc.get_referents", "sys._current_frames", "sys._current_exceptions",
+        "sys.remote_exec", "cpython.remove_audit_hook",
+    )  # fmt: skip
+    guarded_attributes = frozenset(("__code__", "__defaults__", "__kwdefaults__"))
 
-    def outside(path: object) -> bool:
+    def outside(path, realpath=os.path.realpath, fspath=os.fspath, isinstance=isinstance):
         if isinstance(path, int):
             return False  # an open file descriptor: no new path
-        path = os.fspath(path)
+        path = fspath(path)
         if isinstance(path, bytes):
             path = path.decode("utf-8", "surrogateescape")
         path = realpath(path)
         return not (path == scratch or path.startswith(prefix))
 
-    if event == "open":
-        path, flags = args[0], args[2]
-        if flags & WRITE_FLAGS and path not in WRITABLE and outside(path):
-            return f"no writes outside the scratch dir: {path!r}"
-    elif event in PATH_EVENTS:
-        for i in PATH_EVENTS[event]:
-            if i < len(args) and outside(args[i]):
-                return f"{event} outside the scratch dir"
-    elif event.startswith(BLOCKED_EVENTS):
-        return f"{event} is not allowed"
-    return ""
+    def rule(event, args, outside=outside, len=len, dict=dict):
+        if event == "open":
+            path, flags = args[0], args[2]
+            if flags & write_flags and path not in writable and outside(path):
+                return f"no writes outside the scratch dir: {path!r}"
+        elif event.startswith(blocked):
+            return f"{event} is not allowed"
+        elif event == "object.__setattr__" and args[1] in guarded_attributes:
+            return f"replacing {args[1]} is not allowed"
+        else:
+            for name, positions in path_events:
+                if event == name:
+                    for i in positions:
+                        if i < len(args) and outside(args[i]):
+                            return f"{event} outside the scratch dir"
+        return ""
+
+    return rule
 
 
 def _install_hook(scratch: str) -> None:
     """A hook Python offers no way to remove: a second line behind the kernel layers (and the
     only guard of writes and sockets where those are missing)."""
 
-    def hook(event, args, violation=write_event_violation, error=PermissionError):
-        reason = violation(event, args, scratch)
+    rule = audit_rule(scratch)
+
+    def hook(event, args, error=PermissionError):
+        reason = rule(event, args)
         if reason:
             raise error("sandbox: " + reason)
 
