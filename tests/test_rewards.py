@@ -11,15 +11,16 @@ import pytest
 
 import llada_train
 from llada_train.data.generate import reference_solutions
+from llada_train.rl import rewards
 from llada_train.rl.rewards import (
     REWARDS,
     RewardResult,
+    answers_match,
     code_reward,
     extract_answer,
     extract_code,
     format_reward,
     math_reward,
-    normalize_number,
     score,
     score_batch,
 )
@@ -35,53 +36,115 @@ def _records(path: str) -> list[dict]:
 # ---------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize(
-    "completion, answer, expected",
-    [
-        # direct, worked (the SFT format), boxed
-        ("579", "579", 1.0),
-        ("ones: 4 + 9 = 13, write 3 carry 1 ... So 964 + 529 = 1493.\n#### 1493", "1493", 1.0),
-        ("Adding the two shelves gives \\boxed{1493}.", "1493", 1.0),
-        # thousands separators, currency, trailing period
-        ("\\boxed{1,234}", "1234", 1.0),
-        ("#### 1,234", "1234", 1.0),
-        ("#### $1,234.", "1234", 1.0),
-        ("The answer is 42.", "42", 1.0),
-        # trailing text after the answer
-        ("The answer is 42. Hope that helps!", "42", 1.0),
-        ("#### 42\nI hope this helps with your 3 questions.", "42", 1.0),
-        ("\\boxed{42} since 6 * 7 = 42 and 2 < 3", "42", 1.0),
-        # negative numbers; a hyphen is not a minus sign
-        ("#### -17", "-17", 1.0),
-        ("The temperature drops to -5 degrees.", "-5", 1.0),
-        ("964-529=435", "435", 1.0),
-        # decimals and fractions compare as numbers
-        ("#### 12.0", "12", 1.0),
-        ("12", "12.0", 1.0),
-        ("\\boxed{12.50}", "12.5", 1.0),
-        ("\\boxed{3/4}", "0.75", 1.0),
-        ("\\boxed{\\frac{3}{4}}", "0.75", 1.0),
-        ("#### 0.75", "3/4", 1.0),
-        ("#### 0.3333333", "1/3", 1.0),  # within the relative tolerance 1e-6
-        ("#### 0.33", "1/3", 0.0),
-        # boxed extras: nested braces, units, an equation
-        ("\\boxed{{1,234}}", "1234", 1.0),
-        ("\\boxed{1493 \\text{ beads}}", "1493", 1.0),
-        ("\\boxed{x = 5}", "5", 1.0),
-        # priority: \boxed, then ####, then the last number
-        ("#### 41\nWait, redo: \\boxed{42}", "42", 1.0),
-        ("\\boxed{41}\n#### 42", "42", 0.0),
-        ("3 + 4 = 7\n#### 8", "7", 0.0),
-        # no number at all, a wrong number, a non-numeric box
-        ("I do not know.", "42", 0.0),
-        ("", "42", 0.0),
-        ("#### 41", "42", 0.0),
-        ("So 964 + 529 = 1492.\n#### 1492", "1493", 0.0),
-        ("\\boxed{forty-two}", "42", 0.0),
-    ],
-)
-def test_math_reward(completion, answer, expected):
-    assert math_reward(completion, {"answer": answer}) == expected
+# The table follows the answer conventions of lm-eval's gsm8k task (strict-match: the number
+# after "####"; flexible-extract: the last number) and of Minerva's MATH evaluation (the last
+# \\boxed{}, normalised, compared by symbolic equivalence). Each case: completion, gold answer,
+# expected reward, why.
+MATH_CASES = [
+    # GSM8K strict-match: the number after "####", commas and "$" stripped
+    (
+        "ones: 4 + 9 = 13, write 3 carry 1 ... So 964 + 529 = 1493.\n#### 1493",
+        "1493",
+        1.0,
+        "GSM8K strict: the number after ####",
+    ),
+    ("#### 1,234", "1234", 1.0, "GSM8K strict: thousands separators are stripped"),
+    ("#### $1,234.", "1234", 1.0, "GSM8K strict: currency sign and trailing period stripped"),
+    (
+        "#### 1493 beads",
+        "1493",
+        1.0,
+        "GSM8K strict reads the number; the unit word after it is ignored",
+    ),
+    ("3 + 4 = 7\n#### 8", "7", 0.0, "GSM8K strict: the marked answer wins over numbers above it"),
+    ("#### 41\n#### 42", "42", 1.0, "the last #### answer is the final one"),
+    ("#### -17", "-17", 1.0, "negative answers"),
+    ("#### \u221217", "-17", 1.0, "the Unicode minus sign is a minus, not nothing"),
+    ("#### 17", "-17", 0.0, "the sign matters"),
+    ("####\nso it is 12", "12", 1.0, "an empty #### marks nothing: flexible extraction reads on"),
+    (
+        "A long solution...\n#### 72",
+        "Natalia sold 48/2 = 24 clips in May.\n#### 72",
+        1.0,
+        "a GSM8K gold solution: its answer is the text after ####",
+    ),
+    # GSM8K flexible-extract: the last number in the text
+    ("579", "579", 1.0, "GSM8K flexible: a bare number"),
+    ("The answer is 42.", "42", 1.0, "GSM8K flexible: the last number, trailing period stripped"),
+    (
+        "We have 3 apples, and 4 more, so 7 in total",
+        "7",
+        1.0,
+        "GSM8K flexible: the last number of the text",
+    ),
+    ("The answer is 1 2", "12", 0.0, "two numbers are not one: spaces are not deleted"),
+    ("I do not know.", "42", 0.0, "no answer at all"),
+    ("", "42", 0.0, "an empty completion"),
+    # integers exactly
+    (
+        "#### 1234568",
+        "1234567",
+        0.0,
+        "integers compare exactly: a 7-digit answer off by one is wrong",
+    ),
+    ("\\boxed{12345678901234568}", "12345678901234567", 0.0, "exact beyond float precision"),
+    (
+        "#### 1234567.0000001",
+        "1234567",
+        0.0,
+        "an integer gold answer is not matched by a non-integer",
+    ),
+    ("#### 12.0", "12", 1.0, "12.0 is the integer 12"),
+    ("12", "12.0", 1.0, "a decimal gold answer with a zero fraction"),
+    # Minerva / MATH: the last \boxed{}, LaTeX, symbolic equivalence
+    ("Adding the two shelves gives \\boxed{1493}.", "1493", 1.0, "Minerva: the boxed answer"),
+    ("#### 41\nWait, redo: \\boxed{42}", "42", 1.0, "a \\boxed answer wins over ####"),
+    ("\\boxed{41} then \\boxed{42}", "42", 1.0, "the last \\boxed is the final answer"),
+    ("\\boxed{42} and then \\boxed{41", "42", 1.0, "a truncated (unclosed) box is ignored"),
+    ("\\boxed{\\frac12}", "0.5", 1.0, "Minerva: \\frac12 without braces is one half"),
+    ("\\boxed{\\dfrac{3}{4}}", "0.75", 1.0, "\\dfrac is \\frac; a fraction equals its decimal"),
+    ("\\boxed{3/4}", "\\frac{3}{4}", 1.0, "a slash fraction equals the LaTeX fraction"),
+    ("\\boxed{0.33}", "\\frac{1}{3}", 0.0, "0.33 is not 1/3 (math-verify rounds to 6 decimals)"),
+    ("\\boxed{0.3333333}", "\\frac{1}{3}", 1.0, "within math-verify's 6-decimal rounding"),
+    ("\\boxed{2^{10}}", "1024", 1.0, "powers are evaluated"),
+    ("\\boxed{3\\sqrt{3}}", "\\sqrt{27}", 1.0, "symbolic equivalence of roots"),
+    ("\\boxed{\\sqrt 2}", "\\sqrt{2}", 1.0, "a non-numeric gold answer scores"),
+    ("\\boxed{\\pi}", "3.14159", 0.0, "pi is not a 6-digit decimal"),
+    ("\\boxed{x^2+2x+1}", "(x+1)^2", 1.0, "equivalent expressions"),
+    ("\\boxed{(1, 2]}", "(1,2]", 1.0, "intervals"),
+    ("\\boxed{[1, 2]}", "(1,2]", 0.0, "an interval's closedness matters"),
+    ("\\boxed{(2, 1)}", "(1,2)", 0.0, "tuples are ordered"),
+    ("\\boxed{\\{2, 1\\}}", "\\{1,2\\}", 1.0, "sets are not"),
+    ("\\boxed{x = 5}", "5", 1.0, "an equation's right side is the answer"),
+    ("\\boxed{1493 \\text{ beads}}", "1493", 1.0, "Minerva: units in \\text are removed"),
+    ("\\boxed{5 \\text{ cm}}", "5", 1.0, "Minerva: unit removal"),
+    ("\\boxed{\\$5}", "5", 1.0, "a dollar sign is not part of the number"),
+    ("\\boxed{1,234}", "1234", 1.0, "a thousands separator inside a box"),
+    ("\\boxed{\\text{Monday}}", "\\text{Monday}", 1.0, "a text answer"),
+    ("\\boxed{B}", "B", 1.0, "a choice letter"),
+    ("\\boxed{(B)}", "B", 1.0, "a choice letter in parentheses"),
+    ("\\boxed{C}", "B", 0.0, "another letter"),
+    (
+        "Final Answer: The final answer is $\\frac{3}{4}$. I hope it is correct.",
+        "\\frac34",
+        1.0,
+        "Minerva's answer sentence, no box",
+    ),
+    # percentages: the number written (our choice, see the module docstring)
+    ("\\boxed{50\\%}", "50", 1.0, "a percent sign is dropped: 50% is 50"),
+    ("#### 50%", "50", 1.0, "the same in GSM8K form"),
+    ("\\boxed{0.5}", "50\\%", 0.0, "0.5 is not the 50 of a gold 50%"),
+    ("\\boxed{forty-two}", "42", 0.0, "numbers in words are not read"),
+]
+
+
+@pytest.mark.parametrize("completion, answer, expected, reason", MATH_CASES)
+def test_math_reward(completion, answer, expected, reason):
+    assert math_reward(completion, {"answer": answer}) == expected, reason
+
+
+def test_math_table_is_large_enough():
+    assert len(MATH_CASES) >= 40
 
 
 @pytest.mark.parametrize(
@@ -89,9 +152,10 @@ def test_math_reward(completion, answer, expected):
     [
         ("So 964 + 529 = 1493.\n#### 1493", "1493"),
         ("\\boxed{\\frac{3}{4}} and 9", "\\frac{3}{4}"),
-        ("#### 1493 beads", "1493"),
-        ("####\nso it is 12", "12"),  # an empty marker falls back to the last number
-        ("\\boxed{12", "12"),  # a truncated box is ignored
+        ("\\boxed{a{b}c} then \\boxed{d", "a{b}c"),  # nested braces; a truncated box is ignored
+        ("#### 1493 beads", "1493 beads"),
+        ("####\nso it is 12", None),  # an empty marker marks nothing
+        ("\\boxed{}", None),
         ("no digits", None),
     ],
 )
@@ -99,25 +163,31 @@ def test_extract_answer(text, answer):
     assert extract_answer(text) == answer
 
 
-@pytest.mark.parametrize(
-    "written, canonical",
-    [
-        ("1,234", "1234"),
-        ("1234.0", "1234"),
-        ("$1,234.", "1234"),
-        (" 1234 ", "1234"),
-        ("-12.50", "-12.5"),
-        ("3/4", "0.75"),
-        ("0.75", "0.75"),
-        ("1/3", "1/3"),
-        ("\\frac{6}{8}", "0.75"),
-        ("1,2", None),  # not a thousands separator
-        ("1e999999999", None),  # exponents are not parsed (no giant integers from model output)
-        ("five", None),
-    ],
-)
-def test_normalize_number(written, canonical):
-    assert normalize_number(written) == canonical
+def test_extract_answer_is_linear_in_unclosed_boxes():
+    text = "\\boxed{" * 200_000  # quadratic scanning would take minutes here
+    assert extract_answer(text) is None
+
+
+def test_unreadable_gold_answer_is_a_record_error():
+    for answer in ("", "\\", "#### "):
+        result = score("math", "#### 3", {"answer": answer})
+        assert result.value == 0.0 and "cannot be read" in result.error, answer
+
+
+def test_math_check_time_is_bounded(monkeypatch):
+    # math-verify's own limit (1 s) stops this one inside the worker...
+    assert math_reward("\\boxed{9^{9^{9^{9}}}}", {"answer": "1"}) == 0.0
+    # ...and past MATH_TIMEOUT_S the worker is killed: the call returns 0 and the next works
+    monkeypatch.setattr(rewards, "MATH_TIMEOUT_S", 0.2)
+    assert math_reward("\\boxed{9^{9^{9^{9}}}}", {"answer": "1"}) == 0.0
+    monkeypatch.undo()
+    assert math_reward("#### 3", {"answer": "3"}) == 1.0
+
+
+def test_answers_match():
+    assert answers_match("1,234", "1234")
+    assert not answers_match(None, "1234")
+    assert not answers_match("1233", "1234")
 
 
 def test_math_reward_on_shipped_records():
@@ -134,6 +204,7 @@ def test_math_reward_on_shipped_records():
     [
         ("So 964 + 529 = 1493.\n#### 1493", 1.0),
         ("\\boxed{1493}", 1.0),
+        ("\\boxed{\\sqrt{2}}", 1.0),  # any marked answer, not only numbers (MATH)
         ("1493", 0.0),
         ("The answer is 1493.", 0.0),
         ("####", 0.0),
@@ -253,3 +324,60 @@ def test_score_batch_deadline(monkeypatch):
     finally:
         release.set()  # let the stuck thread finish
     assert (values, num_errors) == ([0.0, 1.0], 1)
+
+
+# ---------------------------------------------------------------------------------------------
+# Code reward: HumanEval-style records, forgery
+# ---------------------------------------------------------------------------------------------
+
+HUMANEVAL_RECORD = {
+    "task_id": "Test/0",
+    "prompt": "from typing import List\n\n\ndef scale(xs: List[int], k: int) -> List[int]:\n"
+    '    """Each x times k, then clipped by helper_clip."""\n\n\n'
+    "def helper_clip(x: int) -> int:\n    return min(x, 100)\n",
+    "entry_point": "scale",
+    "test": "METADATA = {}\n\n\ndef check(candidate):\n"
+    "    assert candidate([1, 2], 3) == [3, 6]\n"
+    "    assert candidate([60], 2) == [helper_clip(120)]\n",
+}
+
+
+@pytest.mark.parametrize(
+    "completion, expected",
+    [
+        # a whole function in a chat answer (the prompt's imports and helpers are there)
+        ("```python\ndef scale(xs: List[int], k: int) -> List[int]:\n"
+         "    return [helper_clip(x * k) for x in xs]\n```", 1.0),
+        # a continuation of the prompt (HumanEval's completion format)
+        ("    return [helper_clip(x * k) for x in xs]\n", 0.0),  # the helper follows the stub
+        ("```python\ndef scale(xs, k):\n    return [x * k for x in xs]\n```", 0.0),  # no clip
+    ],
+)  # fmt: skip
+def test_code_reward_on_humaneval_records(completion, expected):
+    assert code_reward(completion, HUMANEVAL_RECORD) == expected
+
+
+def test_code_reward_on_humaneval_continuation():
+    record = dict(HUMANEVAL_RECORD, prompt="def scale(xs, k):\n    ")
+    record["test"] = "def check(candidate):\n    assert candidate([1, 2], 3) == [3, 6]\n"
+    assert code_reward("return [x * k for x in xs]\n", record) == 1.0
+    assert code_reward("return xs\n", record) == 0.0
+
+
+@pytest.mark.parametrize(
+    "attack",
+    [
+        # frames up to whatever ran the code, looking for anything to write success with
+        "import sys, os\nf = sys._getframe()\nwhile f:\n    for v in list(f.f_locals.values()):\n"
+        "        if isinstance(v, dict) and 'verdict_fd' in v:\n"
+        '            os.write(v[\'verdict_fd\'], b\'{"status": "ok", "layers": []}\')\n'
+        "    f = f.f_back\nos._exit(0)\n",
+        # an answer that equals everything
+        "class A:\n    def __eq__(self, other):\n        return True\n",
+    ],
+)
+def test_code_reward_cannot_be_forged(code_records, attack):
+    record, solution = code_records[0]
+    signature = solution.splitlines()[0]
+    completion = f"```python\n{attack}\n{signature}\n    return A() if 'A' in globals() else 0\n```"
+    assert code_reward(completion, record) == 0.0

@@ -3,17 +3,33 @@ scorer), so that what is trained for is exactly what is measured (SPEC section 5
 
 Contract:
 - A reward is a plain function `fn(completion: str, example: dict) -> float`, `example` being the
-  dataset record (math: {"prompt", "answer"}; code: {"prompt", "entry_point", "tests"}). Rewards
-  are picked by name from `REWARDS` (a config value, or the record's "reward" field).
-- `math_reward`: 1.0 iff the final answer of the completion equals example["answer"]. The final
-  answer is, in priority order, the content of the last `\\boxed{...}` (nested braces allowed),
-  the number after the last `#### `, or the last number in the text (`extract_answer`). Numbers
-  are compared as exact rationals after normalisation, with a relative tolerance of 1e-6
-  (`normalize_number`, `answers_match`): "1,234" = "1234.0" = "$1234." and "3/4" = "0.75".
-- `code_reward`: 1.0 iff the code (the last ```python block, else the whole completion) followed
-  by example["tests"] runs to the end in the sandbox (`llada_train.rl.sandbox`).
-- `format_reward`: 1.0 iff the completion ends its answer the expected way: a `#### N` line or a
-  `\\boxed{N}` with a number for math, a fenced code block for code records.
+  dataset record (math: {"prompt", "answer"}; code: {"prompt", "entry_point", "tests" or
+  "test"}). Rewards are picked by name from `REWARDS` (a config value, or the record's "reward"
+  field).
+- `math_reward`: 1.0 iff the final answer of the completion is example["answer"], by HF's
+  math-verify (extraction, LaTeX normalisation, symbolic equivalence; the checker of TRL and
+  open-r1). The answer read is, in priority order: the content of the last complete
+  `\\boxed{...}` (MATH/Minerva), the rest of the line after the last `####` (GSM8K strict), or
+  math-verify's reading of the whole text, last answer first (GSM8K flexible). The gold answer
+  is the text after `####` (a GSM8K solution), a solution's \\boxed{}, or a bare LaTeX answer.
+  Numbers, fractions, powers, roots, intervals, sets, tuples, equations ("x = 5" = 5), units and
+  \\text{} around the answer, thousands separators and choice letters are math-verify's. Our
+  choices on top (`_normalize_math`, `check_math_answer`): the Unicode minus is a minus; a
+  percent sign is dropped ("50%" is the number 50, as GSM8K writes percentages and Minerva's
+  normalisation does, so 0.5 does not match a gold 50%); an integer gold answer must be matched
+  exactly (1234568 for 1234567 is wrong; 12.0 = 12), other numbers as math-verify rounds them
+  (6 decimals). Time: each check runs in one of a few long-lived worker processes (`python -I`)
+  where math-verify's own signal-based limits work (1 s to parse, 1 s to compare; they need a
+  main thread, which reward threads are not); past MATH_TIMEOUT_S the worker is killed and
+  replaced and the answer scores 0, so no input can stall the trainer or hold its GIL. An
+  unreadable gold answer is a bad record: ValueError (an error in `score`).
+- `code_reward`: 1.0 iff the record's tests pass against the completion's code in the sandbox
+  (`llada_train.rl.sandbox`: the tests run in a process of their own and see only plain data
+  returned by the entry point). Records: ours {"prompt", "entry_point", "tests" (asserts)} or
+  HumanEval's {"prompt" (code), "entry_point", "test" (defines `check(candidate)`)}; see
+  `code_program`.
+- `format_reward`: 1.0 iff the completion gives its answer the expected way: a non-empty
+  `\\boxed{...}` or `#### ...` for math, a fenced code block for code records.
 - `score` / `score_batch` never raise on a failing reward: a reward that raises (or, in a batch,
   runs past the deadline) scores 0.0 and is counted as an error. An unknown reward name is a
   configuration error and raises ValueError before anything runs.
@@ -21,14 +37,20 @@ Contract:
 
 from __future__ import annotations
 
+import atexit
+import json
 import logging
 import math
+import os
 import re
+import select
+import subprocess
+import sys
+import threading
+import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import dataclass
-from decimal import Decimal, localcontext
-from fractions import Fraction
 
 from llada_train.rl.sandbox import run_python
 
@@ -37,126 +59,228 @@ logger = logging.getLogger(__name__)
 RewardFn = Callable[[str, dict], float]
 
 CODE_TIMEOUT_S = 5.0  # wall clock per code completion; a record may override with "timeout_s"
-REL_TOL = 1e-6  # numbers closer than this (relative) are the same answer
-MAX_NUMBER_CHARS = 64  # longer "numbers" are not parsed (no giant-integer work on model output)
+MATH_TIMEOUT_S = 5.0  # wall clock per math check; past it the worker is killed and it scores 0
+MATH_VERIFY_TIMEOUT_S = 1  # math-verify's own limits on parsing and on comparing (whole seconds)
+MATH_WORKER_START_S = 120.0  # a worker's start (imports sympy); not counted in MATH_TIMEOUT_S
+MATH_WORKER_MEMORY_MB = 4096  # address space of a math worker
+MAX_MATH_WORKERS = 8  # math worker processes at most (score_batch threads share them)
 
-# A number in running text: optional sign (not a hyphen inside a word or expression such as
-# "964-529"), thousands groups or plain digits, optional decimals, optional "/denominator".
-_NUMBER = re.compile(
-    r"(?<![\w.])-?(?:\d{1,3}(?:,\d{3})+(?!\d)|\d+)(?:\.\d+)?(?:/\d+)?"  # 1,234.5 / -12 / 3/4
-    r"|(?<!\w)\.\d+"  # .5
-)
 _HASH_ANSWER = re.compile(r"####[ \t]*([^\n]*)")
 _BOXED = re.compile(r"\\(?:boxed|fbox)\s*\{")
-_FRAC = re.compile(r"\\[dt]?frac\s*\{\s*([^{}]+?)\s*\}\s*\{\s*([^{}]+?)\s*\}")
-_TEXT = re.compile(r"\\(?:text|textbf|mathrm|mbox)\s*\{[^{}]*\}")
-_PLAIN_NUMBER = re.compile(r"[-+]?(?:\d+\.?\d*|\.\d+)(?:/\d+)?")
-_GROUPED_NUMBER = re.compile(r"[-+]?\d{1,3}(?:,\d{3})+(?:\.\d+)?")
 _FENCED = re.compile(r"```[ \t]*([\w+-]*)[^\n]*\n(.*?)```", re.DOTALL)
 _OPEN_FENCE = re.compile(r"```[ \t]*(?:python3?|py)?[ \t]*\n")
 _PYTHON_LANGS = ("python", "python3", "py")
 
 
 # ---------------------------------------------------------------------------------------------
-# Math answers
+# Math answers: extraction here, equivalence by math-verify in worker processes
 # ---------------------------------------------------------------------------------------------
 
 
 def _last_boxed(text: str) -> str | None:
-    """Content of the last complete \\boxed{...}, braces balanced; None if there is none."""
-    for match in reversed(list(_BOXED.finditer(text))):
-        depth, start = 1, match.end()
-        for i in range(start, len(text)):
-            depth += {"{": 1, "}": -1}.get(text[i], 0)
-            if depth == 0:
-                return text[start:i]
-        # unbalanced (e.g. a truncated generation): try an earlier one
-    return None
-
-
-def _marked_answer(text: str) -> str | None:
-    """The answer the completion marks as final (\\boxed or ####), without the fallback."""
-    boxed = _last_boxed(text)
-    if boxed is not None:
-        return boxed.strip()
-    for line in reversed(_HASH_ANSWER.findall(text)):
-        line = line.strip()
-        if not line:
-            continue  # an empty "####": look further up
-        if normalize_number(line) is not None:
-            return line
-        number = _NUMBER.search(line)  # "#### 1493 apples"
-        return number.group(0) if number else line
-    return None
+    """Content of the last complete \\boxed{...} (or \\fbox{...}), braces balanced; None if
+    there is none. One pass over the text (linear time, whatever the nesting or truncation)."""
+    opens: list[tuple[int, int | None]] = []  # (depth of the brace, start of a boxed content)
+    starts = {m.end() - 1 for m in _BOXED.finditer(text)}  # positions of a boxed's "{"
+    last = None
+    for i, char in enumerate(text):
+        if char == "{":
+            opens.append((len(opens), i + 1 if i in starts else None))
+        elif char == "}" and opens:
+            _, start = opens.pop()
+            if start is not None:
+                last = text[start:i]
+    return last
 
 
 def extract_answer(text: str) -> str | None:
-    """The final answer of a completion, as written (not normalised): the last \\boxed{...},
-    else the last `#### ...`, else the last number in the text; None if there is none."""
-    marked = _marked_answer(text)
-    if marked is not None:
-        return marked
-    numbers = _NUMBER.findall(text)
-    return numbers[-1] if numbers else None
+    """The final answer the completion marks, as written: the content of the last complete
+    \\boxed{...} (MATH/Minerva), else the rest of the line after the last non-empty `####`
+    (GSM8K); None if it marks none (math-verify then reads the whole text, last answer first:
+    GSM8K's flexible extraction)."""
+    boxed = _last_boxed(text)
+    if boxed is not None and boxed.strip():
+        return boxed.strip()
+    for line in reversed(_HASH_ANSWER.findall(text)):
+        if line.strip():
+            return line.strip()
+    return None
 
 
-def _parse_number(s: str) -> Fraction | None:
-    """Exact value of a written number ("$1,234.", "3/4", "\\frac{3}{4}", "x = -5"), or None."""
-    s = _TEXT.sub("", s)
-    s = _FRAC.sub(r"(\1)/(\2)", s)
-    for junk in ("\\!", "\\,", "\\;", "\\ ", "\\$", "\\%", "$", "%", "{", "}", "(", ")", " "):
-        s = s.replace(junk, "")
-    s = s.rsplit("=", 1)[-1].rstrip(".")  # "x=5" -> "5"; "1493." -> "1493"
-    if _GROUPED_NUMBER.fullmatch(s):
-        s = s.replace(",", "")
-    if len(s) > MAX_NUMBER_CHARS or not _PLAIN_NUMBER.fullmatch(s):
-        return None
-    try:
-        return Fraction(s)
-    except (ValueError, ZeroDivisionError):
-        return None
+def _normalize_math(text: str) -> str:
+    """Choices made before math-verify reads a text: the Unicode minus is a minus; a percent
+    sign is dropped, so "50%" is the number 50 (GSM8K writes percentages as the bare number and
+    Minerva's normalisation removes "\\%"): "50%" matches 50, not 0.5."""
+    return text.replace("\u2212", "-").replace("\\%", "").replace("%", "")
 
 
-def normalize_number(s: str) -> str | None:
-    """Canonical form of a written number, None if `s` is not one: "1,234" / "1234.0" / "$1234."
-    -> "1234"; "3/4" / "0.75" -> "0.75"; "-12.50" -> "-12.5"; "1/3" -> "1/3". Equal values give
-    equal strings."""
-    value = _parse_number(s)
-    if value is None:
-        return None
-    if value.denominator == 1:
-        return str(value.numerator)
-    den = value.denominator
-    while den % 2 == 0:
-        den //= 2
-    while den % 5 == 0:
-        den //= 5
-    if den != 1:  # no finite decimal expansion
-        return f"{value.numerator}/{value.denominator}"
-    with localcontext() as ctx:
-        ctx.prec = 2 * MAX_NUMBER_CHARS  # exact for every parsable terminating decimal
-        decimal = Decimal(value.numerator) / Decimal(value.denominator)
-    return format(decimal.normalize(), "f")
+def _parse_gold(gold: str) -> list:
+    """math-verify's reading of a gold answer: the text after `####` (a GSM8K solution), a
+    solution with \\boxed{} (MATH), or a bare answer in LaTeX ("\\frac{1}{2}", "1,234", "B")."""
+    from math_verify import parse
+
+    gold = _normalize_math(gold)
+    if "####" in gold:
+        gold = gold.rsplit("####", 1)[1]
+    text = gold if ("\\boxed" in gold or "\\fbox" in gold) else f"${gold.strip()}$"
+    parsed = parse(text, parsing_timeout=MATH_VERIFY_TIMEOUT_S)
+    if not parsed:
+        raise ValueError(f"gold answer {gold!r} cannot be read: write it as LaTeX or a number")
+    return parsed
+
+
+def check_math_answer(completion: str, gold: str) -> bool:
+    """Whether the completion's final answer is the gold answer (math-verify's extraction and
+    symbolic equivalence; runs in a math worker, see `math_reward`). An integer gold answer must
+    be matched exactly (no rounding); other numbers as math-verify compares them (6 decimals).
+    Raises ValueError for an unreadable gold answer."""
+    from math_verify import parse, verify
+    from sympy import Number, Rational
+
+    gold_parsed = _parse_gold(str(gold))
+    marked = extract_answer(completion)
+    if marked is not None and _last_boxed(completion) is not None:
+        text = "\\boxed{" + marked + "}"
+    else:
+        text = marked if marked is not None else completion
+    predicted = parse(_normalize_math(text), parsing_timeout=MATH_VERIFY_TIMEOUT_S)
+    if not predicted:
+        return False
+    gold_value, value = gold_parsed[0], predicted[0]
+    if getattr(gold_value, "is_Integer", False) and isinstance(value, Number):
+        return bool(Rational(value) == gold_value)  # integers exactly
+    return verify(gold_parsed, predicted, timeout_seconds=MATH_VERIFY_TIMEOUT_S)
+
+
+def _serve_math() -> None:
+    """The math worker: one JSON request a line on stdin ({"completion", "gold"}), one reply a
+    line on stdout ({"ok": bool} or {"error": message}); math-verify's own signal-based time
+    limits work here, in a main thread; the parent kills the worker past `MATH_TIMEOUT_S`."""
+    import json
+    import resource
+
+    resource.setrlimit(resource.RLIMIT_AS, (MATH_WORKER_MEMORY_MB << 20,) * 2)
+    out = sys.stdout
+    sys.stdout = sys.stderr  # nothing else may write to the reply stream
+    check_math_answer("#### 1", "1")  # import and warm up before saying ready
+    out.write('{"ready": true}\n')
+    out.flush()
+    for line in sys.stdin:
+        request = json.loads(line)
+        try:
+            reply = {"ok": check_math_answer(request["completion"], request["gold"])}
+        except Exception as e:
+            reply = {"error": f"{type(e).__name__}: {e}"}
+        out.write(json.dumps(reply) + "\n")
+        out.flush()
+
+
+class _MathWorker:
+    """One worker process and its pipes."""
+
+    def __init__(self) -> None:
+        root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+        program = (
+            f"import sys; sys.path.insert(0, {root!r}); "
+            "from llada_train.rl.rewards import _serve_math; _serve_math()"
+        )
+        self.proc = subprocess.Popen(
+            [sys.executable, "-I", "-c", program],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+        )
+        self.buffer = b""
+        if self._receive(MATH_WORKER_START_S) != {"ready": True}:
+            raise RuntimeError("the math worker did not start")
+
+    def _receive(self, timeout_s: float) -> dict:
+        deadline = time.monotonic() + timeout_s
+        fd = self.proc.stdout.fileno()
+        while b"\n" not in self.buffer:
+            left = deadline - time.monotonic()
+            if left <= 0 or not select.select([fd], [], [], left)[0]:
+                raise TimeoutError
+            chunk = os.read(fd, 1 << 16)
+            if not chunk:
+                raise RuntimeError(f"the math worker died (exit {self.proc.wait()})")
+            self.buffer += chunk
+        line, self.buffer = self.buffer.split(b"\n", 1)
+        return json.loads(line)
+
+    def check(self, completion: str, gold: str) -> bool:
+        request = json.dumps({"completion": completion, "gold": gold}) + "\n"
+        self.proc.stdin.write(request.encode("utf-8", "surrogatepass"))
+        self.proc.stdin.flush()
+        reply = self._receive(MATH_TIMEOUT_S)
+        if "error" in reply:
+            raise ValueError(reply["error"])
+        return bool(reply["ok"])
+
+    def close(self) -> None:
+        self.proc.kill()
+        self.proc.wait()
+
+
+class _MathWorkers:
+    """Up to MAX_MATH_WORKERS worker processes, started on demand and reused; a worker past its
+    time limit or broken is killed and replaced. After a fork the child starts its own."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.pid = os.getpid()
+        self.idle: list[_MathWorker] = []
+        self.slots = threading.BoundedSemaphore(MAX_MATH_WORKERS)
+        atexit.register(self.close)
+
+    def check(self, completion: str, gold: str) -> bool:
+        with self.lock:
+            if self.pid != os.getpid():  # forked: the inherited workers belong to the parent
+                self.pid, self.idle = os.getpid(), []
+                self.slots = threading.BoundedSemaphore(MAX_MATH_WORKERS)
+            slots = self.slots
+        with slots:
+            with self.lock:
+                worker = self.idle.pop() if self.idle else None
+            if worker is None:
+                worker = _MathWorker()
+            try:
+                is_correct = worker.check(completion, gold)
+            except TimeoutError:  # unverifiable in the time limit: not a verified answer
+                worker.close()
+                logger.info("math check past %s s: scored 0", MATH_TIMEOUT_S)
+                return False
+            except ValueError:  # a bad gold answer: the worker itself is fine
+                with self.lock:
+                    self.idle.append(worker)
+                raise
+            except BaseException:
+                worker.close()
+                raise
+            with self.lock:
+                self.idle.append(worker)
+            return is_correct
+
+    def close(self) -> None:
+        with self.lock:
+            workers, self.idle = self.idle, []
+        if self.pid == os.getpid():
+            for worker in workers:
+                worker.close()
+
+
+_math_workers = _MathWorkers()
 
 
 def answers_match(predicted: str | None, gold: str) -> bool:
-    """Whether two written numbers are the same answer (exactly, or within REL_TOL)."""
-    if predicted is None:
-        return False
-    a, b = _parse_number(predicted), _parse_number(gold)
-    if a is None or b is None:
-        return False
-    if a == b:
-        return True
-    try:
-        return math.isclose(float(a), float(b), rel_tol=REL_TOL, abs_tol=0.0)
-    except OverflowError:
-        return False
+    """Whether a written answer (e.g. from `extract_answer`) is the gold answer, by the math
+    reward's checker; False for None."""
+    return predicted is not None and _math_workers.check(predicted, str(gold))
 
 
 def math_reward(completion: str, example: dict) -> float:
-    """1.0 iff the completion's final answer equals example["answer"] (see the module doc)."""
-    return 1.0 if answers_match(extract_answer(completion), str(example["answer"])) else 0.0
+    """1.0 iff the completion's final answer is example["answer"] (see the module docstring)."""
+    return 1.0 if _math_workers.check(completion, str(example["answer"])) else 0.0
 
 
 # ---------------------------------------------------------------------------------------------
@@ -187,7 +311,8 @@ def code_program(completion: str, example: dict) -> dict[str, str | None]:
     "entry_point", "test" (defines `check(candidate)`)}: code = the prompt followed by the
     extracted code when that defines the entry point (a whole function written in a chat), else
     by the completion (a continuation of the prompt); tests = `test` + `check(entry_point)`;
-    setup = the prompt, so helpers it defines are there for the tests. Raises ValueError for a
+    setup = the prompt when it compiles alone, so helpers it defines are there for the tests
+    (trusted code, run in the harness). Raises ValueError for a
     record with neither "tests" nor "test".
     """
     entry_point = example["entry_point"]
@@ -200,6 +325,10 @@ def code_program(completion: str, example: dict) -> dict[str, str | None]:
     defines = re.search(rf"^\s*def\s+{re.escape(entry_point)}\s*\(", code, re.MULTILINE)
     code = prompt + "\n" + code if defines else prompt + completion
     tests = f"{example['test']}\n\ncheck({entry_point})\n"
+    try:  # a prompt that is a whole stub (HumanEval's are) also runs before the tests
+        compile(prompt, "<prompt>", "exec")
+    except SyntaxError:
+        prompt = None
     return {"code": code, "tests": tests, "entry_point": entry_point, "setup": prompt}
 
 
@@ -226,12 +355,11 @@ def code_reward(completion: str, example: dict) -> float:
 
 
 def format_reward(completion: str, example: dict) -> float:
-    """1.0 iff the answer is given in the expected form: for code records (with "tests") a
-    fenced code block; otherwise a `#### N` line or `\\boxed{N}` holding a number."""
-    if "tests" in example:
+    """1.0 iff the answer is given in the expected form: for code records (with "tests" or
+    "test") a fenced code block; otherwise a non-empty `\\boxed{...}` or `#### ...` answer."""
+    if "tests" in example or "test" in example:
         return 1.0 if _FENCED.search(completion) else 0.0
-    marked = _marked_answer(completion)
-    return 1.0 if marked is not None and normalize_number(marked) is not None else 0.0
+    return 1.0 if extract_answer(completion) is not None else 0.0
 
 
 # ---------------------------------------------------------------------------------------------
