@@ -8,9 +8,10 @@ Contract:
   the cwd, and lm-eval 0.4.13 has no YAML-relative path substitution, while `!function` is
   resolved next to the YAML. Nothing is downloaded or cached.
 - Scores come from the one answer checker per task shared with RL (`llada_train.rl.rewards`):
-  `process_arith_gen` -> exact_match = the math reward (final-number extraction and normalised
-  comparison); `process_code` -> pass@1 = the code reward (the last ```python block plus the
-  record's tests, run in the sandbox). A reward that fails scores 0 (rewards.score never raises).
+  `process_arith_gen` and `process_math` -> exact_match = the math reward (math-verify's
+  extraction and equivalence); `process_code` -> pass@1 = the code reward (the completion's
+  code against the record's tests in the sandbox; our records and HumanEval's). A reward that
+  fails scores 0 (rewards.score never raises).
 """
 
 from __future__ import annotations
@@ -45,6 +46,15 @@ def process_arith_gen(doc: dict, results: list[str]) -> dict[str, float]:
     return {"exact_match": score("math", results[0], {"answer": doc["answer"]}).value}
 
 
+def process_math(doc: dict, results: list[str]) -> dict[str, float]:
+    """exact_match: the math reward against the record's gold answer: GSM8K's and MATH-500's
+    "answer" (a solution ending in `#### N`, or a bare LaTeX answer), else a MATH "solution"
+    (its \\boxed{} answer)."""
+    gold = doc["answer"] if doc.get("answer") is not None else doc["solution"]
+    return {"exact_match": score("math", results[0], {"answer": gold}).value}
+
+
 def process_code(doc: dict, results: list[str]) -> dict[str, float]:
-    """pass@1: 1.0 iff the completion's code passes doc["tests"] in the sandbox (code reward)."""
+    """pass@1: 1.0 iff the completion's code passes the record's tests in the sandbox (the code
+    reward; our {"tests"} records and HumanEval's {"prompt", "test", "entry_point"} alike)."""
     return {"pass@1": score("code", results[0], doc).value}
