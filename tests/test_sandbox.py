@@ -427,6 +427,25 @@ def test_forged_replies_are_rejected(reply, status):
     assert (result.passed, result.status) == (False, status), result
 
 
+@pytest.mark.parametrize(
+    "body",
+    [
+        "    os._exit(0)\n",  # dies instead of raising
+        "    os.write(_fd, b'not json\\n')\n    import time\n    time.sleep(5)\n",  # garbage
+    ],
+)
+def test_tests_expecting_an_exception_cannot_be_fooled(body):
+    # a test that accepts any exception for a bad input must not take the candidate's death or a
+    # broken reply for one (they are not Exceptions in the harness)
+    code = (
+        "import os\n_fd = [fd for fd in range(3, 64) if os.path.exists(f'/proc/self/fd/{fd}') and "
+        "os.readlink(f'/proc/self/fd/{fd}').startswith('pipe:')][-1]\ndef add(a, b):\n" + body
+    )
+    tests = "try:\n    add(-1, 1)\nexcept Exception:\n    pass\nelse:\n    raise AssertionError"
+    result = run_python(code, tests=tests, entry_point="add")
+    assert (result.passed, result.status) == (False, "error"), result
+
+
 def test_reply_over_the_message_limit_fails():
     code = "def add(a, b):\n    return 'x' * (3 << 20)\n"
     result = run_python(code, tests="add(1, 2)", entry_point="add", max_message_mb=1)

@@ -143,7 +143,10 @@ def exception_from(raised: object) -> BaseException:
     name, message = str(raised[0]), str(raised[1])[:1000]
     kind = getattr(builtins, name, None)
     if isinstance(kind, type) and issubclass(kind, Exception):
-        return kind(message)
+        try:
+            return kind(message)
+        except Exception:  # e.g. UnicodeDecodeError takes five arguments
+            pass
     return Exception(f"{name}: {message}")
 
 
@@ -156,8 +159,13 @@ def status_of_exception(e: BaseException) -> str:
     return "error"
 
 
-class CandidateGone(Exception):
-    """The candidate process closed its end (it exited or was killed)."""
+class CandidateGone(BaseException):
+    """The candidate process closed its end (it exited or was killed). Not an Exception, like
+    ProtocolError, so that a test's `except Exception` cannot take it for an answer."""
+
+
+class ProtocolError(BaseException):
+    """A message or value from the candidate that breaks the protocol."""
 
 
 class Channel:
@@ -175,17 +183,20 @@ class Channel:
     def receive(self) -> dict:
         while b"\n" not in self.buffer:
             if len(self.buffer) > self.limit:
-                raise ValueError(f"message over {self.limit} bytes")
+                raise ProtocolError(f"message over {self.limit} bytes")
             chunk = os.read(self.read_fd, 1 << 16)
             if not chunk:
                 raise CandidateGone("the candidate process ended")
             self.buffer += chunk
         line, self.buffer = self.buffer.split(b"\n", 1)
         if len(line) > self.limit:
-            raise ValueError(f"message over {self.limit} bytes")
-        message = json.loads(line)
+            raise ProtocolError(f"message over {self.limit} bytes")
+        try:
+            message = json.loads(line)
+        except (ValueError, RecursionError) as e:
+            raise ProtocolError(f"malformed message: {e}") from None
         if type(message) is not dict:
-            raise ValueError("malformed message")
+            raise ProtocolError("malformed message")
         return message
 
 
@@ -204,10 +215,13 @@ class Candidate:
         self._channel.send(request)
         reply = self._channel.receive()
         if set(reply) == {"return"}:
-            return decode(reply["return"])
+            try:
+                return decode(reply["return"])
+            except (ValueError, TypeError, RecursionError) as e:  # TypeError: unhashable
+                raise ProtocolError(f"malformed value: {e}") from None
         if set(reply) == {"raised"}:
             raise exception_from(reply["raised"])
-        raise ValueError("malformed reply from the candidate")
+        raise ProtocolError("malformed reply from the candidate")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -516,6 +530,8 @@ def _harness(cfg: dict, job: dict, channel: Channel, candidate_pid: int) -> dict
         message = channel.receive()
     except CandidateGone:
         return {"status": _candidate_status(candidate_pid), "layers": []}
+    except ProtocolError:
+        return {"status": "error", "layers": layers}
     if set(message) != {"ready"}:  # the code raised while loading
         e = exception_from(message.get("raised"))
         return {"status": status_of_exception(e), "layers": layers}
