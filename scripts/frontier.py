@@ -25,7 +25,7 @@ from llada_train import REPO_ROOT
 from llada_train.checkpoint import resolve_model_dir
 from llada_train.generate import encode_prompt
 from llada_train.model.io import from_pretrained
-from llada_train.rl.rewards import answers_match, extract_answer
+from llada_train.rl.rewards import math_reward
 from llada_train.sampler import Sampler, SamplerConfig
 from llada_train.tokenizer import load_tokenizer, special_ids
 
@@ -61,9 +61,8 @@ def sweep(out: str, limit: int, gen_length: int) -> list[dict]:
                 result = Sampler(model, ids.mask_id, ids.eos_id, config).generate(prompts)
                 texts = [tokenizer.decode(t, skip_special_tokens=True) for t in result.tokens]
                 correct = sum(
-                    answers_match(extract_answer(t), r["answer"])
-                    for t, r in zip(texts, records, strict=True)
-                )
+                    math_reward(t, r) for t, r in zip(texts, records, strict=True)
+                )  # the checker of llada_arith_gen and of the RL math reward
                 row = {"model": name, "editing": editing is not None, "threshold": threshold,
                        "accuracy": correct / len(records), "tpf": result.stats.tpf,
                        "tokens_per_s": result.stats.tokens_per_s}  # fmt: skip
