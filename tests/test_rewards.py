@@ -78,6 +78,8 @@ MATH_CASES = [
         "GSM8K flexible: the last number of the text",
     ),
     ("The answer is 1 2", "12", 0.0, "two numbers are not one: spaces are not deleted"),
+    ("134 134", "134", 1.0, "GSM8K flexible: a repeated answer is the last number, not 134134"),
+    ("#### 1 234", "1234", 0.0, "GSM8K strict reads 1 here: a space is no thousands separator"),
     ("I do not know.", "42", 0.0, "no answer at all"),
     ("", "42", 0.0, "an empty completion"),
     # integers exactly

@@ -14,14 +14,16 @@ Contract:
   is the text after `####` (a GSM8K solution), a solution's \\boxed{}, or a bare LaTeX answer.
   Numbers, fractions, powers, roots, intervals, sets, tuples, equations ("x = 5" = 5), units and
   \\text{} around the answer, thousands separators and choice letters are math-verify's. Our
-  choices on top (`_normalize_math`, `check_math_answer`): the Unicode minus is a minus; a
-  percent sign is dropped ("50%" is the number 50, as GSM8K writes percentages and Minerva's
-  normalisation does, so 0.5 does not match a gold 50%); an integer gold answer must be matched
-  exactly (1234568 for 1234567 is wrong; 12.0 = 12), other numbers as math-verify rounds them
-  (6 decimals). Time: each check runs in one of a few long-lived worker processes (`python -I`)
-  where math-verify's own signal-based limits work (1 s to parse, 1 s to compare; they need a
-  main thread, which reward threads are not); past MATH_TIMEOUT_S the worker is killed and
-  replaced and the answer scores 0, so no input can stall the trainer or hold its GIL. An
+  choices on top (`_normalize_math`, `check_math_answer`): digits apart by a space are two
+  numbers (GSM8K's extraction; math-verify would read "134 134" as 134134); the Unicode minus is
+  a minus; a percent sign is dropped ("50%" is the number 50, as GSM8K writes percentages and
+  Minerva's normalisation does, so 0.5 does not match a gold 50%); an integer gold answer must
+  be matched exactly (1234568 for 1234567 is wrong; 12.0 = 12), other numbers as math-verify
+  rounds them (6 decimals). Time: each check runs in one of a few long-lived worker processes
+  (`python -I`) where math-verify's own signal-based limits work (1 s to parse, 1 s to compare;
+  they need a main thread, which reward threads are not); past MATH_TIMEOUT_S the worker is
+  killed and replaced and the answer scores 0, so no input can stall the trainer or hold its
+  GIL. An
   unreadable gold answer is a bad record: ValueError (an error in `score`).
 - `code_reward`: 1.0 iff the record's tests pass against the completion's code in the sandbox
   (`llada_train.rl.sandbox`: the tests run in a process of their own and see only plain data
@@ -65,6 +67,7 @@ MATH_WORKER_START_S = 120.0  # a worker's start (imports sympy); not counted in 
 MATH_WORKER_MEMORY_MB = 4096  # address space of a math worker
 MAX_MATH_WORKERS = 8  # math worker processes at most (score_batch threads share them)
 
+_SPACED_DIGITS = re.compile(r"(?<=\d)[ \t]+(?=\d)")  # math-verify would join "134 134"
 _HASH_ANSWER = re.compile(r"####[ \t]*([^\n]*)")
 _BOXED = re.compile(r"\\(?:boxed|fbox)\s*\{")
 _FENCED = re.compile(r"```[ \t]*([\w+-]*)[^\n]*\n(.*?)```", re.DOTALL)
@@ -143,7 +146,8 @@ def check_math_answer(completion: str, gold: str) -> bool:
         text = "\\boxed{" + marked + "}"
     else:
         text = marked if marked is not None else completion
-    predicted = parse(_normalize_math(text), parsing_timeout=MATH_VERIFY_TIMEOUT_S)
+    text = _SPACED_DIGITS.sub("\n", _normalize_math(text))  # "1 2" is two numbers, not 12
+    predicted = parse(text, parsing_timeout=MATH_VERIFY_TIMEOUT_S)
     if not predicted:
         return False
     gold_value, value = gold_parsed[0], predicted[0]
