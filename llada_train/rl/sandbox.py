@@ -96,6 +96,7 @@ import json
 import math
 import os
 import secrets
+import select
 import shutil
 import signal
 import subprocess
@@ -414,7 +415,19 @@ def _claim_uid() -> int:
 
 def _pids_of_uid(uid: int) -> list[int]:
     """Live (non-zombie) processes of `uid`."""
-    return [pid for pid, (_, owner) in _process_table().items() if owner == uid]
+    pids = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                if os.stat(f"/proc/{entry}").st_uid != uid:
+                    continue  # the cheap test first: most processes are not the run's
+                with open(f"/proc/{entry}/stat", "rb") as f:
+                    state = f.read().rpartition(b")")[2].split()[0]
+            except (OSError, IndexError):
+                continue  # the process ended meanwhile
+            if state not in (b"Z", b"X"):  # a zombie is dead already; its parent reaps it
+                pids.append(int(entry))
+    return pids
 
 
 def _kill_uid(uid: int) -> None:
@@ -546,11 +559,7 @@ def run_python(
                 watched = _WatchedRun(proc.pid, tuple(uids), memory_mb << 20)
                 _watcher.add(watched)
                 isolation.append("memwatch")
-            is_timeout = False
-            try:
-                proc.wait(timeout=timeout_s)
-            except subprocess.TimeoutExpired:
-                is_timeout = True
+            is_timeout = not _wait(proc, timeout_s)
             if watched is not None:
                 _watcher.remove(watched)
             _cleanup(proc, uids, cgroup)
@@ -602,6 +611,26 @@ def run_python(
                 _uids_in_use.difference_update(uids)
 
 
+def _wait(proc: subprocess.Popen, timeout_s: float) -> bool:
+    """Wait for the child to exit, at most `timeout_s`; whether it exited. A pidfd wakes us the
+    moment it does (Popen.wait(timeout) polls with sleeps of up to 50 ms)."""
+    try:
+        pidfd = os.pidfd_open(proc.pid)
+    except (AttributeError, OSError):  # Linux < 5.3, or the child is gone already
+        pidfd = None
+    if pidfd is not None:
+        try:
+            select.select([pidfd], [], [], timeout_s)
+        finally:
+            os.close(pidfd)
+        timeout_s = 0.0
+    try:
+        proc.wait(timeout=timeout_s if timeout_s > 0 else 0.001)
+        return True
+    except subprocess.TimeoutExpired:
+        return False
+
+
 def _children(pid: int) -> list[int]:
     """Processes whose parent is `pid` (the outer process has one: init)."""
     return [child for child, (parent, _) in _process_table().items() if parent == pid]
@@ -613,7 +642,7 @@ def _cleanup(proc: subprocess.Popen, uids: list[int], cgroup: _RunCgroup | None)
     Init dies first: it is pid 1 of the run's pid namespace, so the kernel then kills the rest
     of the namespace, and the (trusted) outer process reaps it and exits; killing both at once
     would leave init a zombie wherever the host's init does not reap. Then every process of the
-    cgroup and of the run's uids, and the process group for runs without namespaces.
+    cgroup (else of the run's uids), and the process group for runs without namespaces.
     """
     if proc.poll() is None:
         for pid in _children(proc.pid):
@@ -622,9 +651,10 @@ def _cleanup(proc: subprocess.Popen, uids: list[int], cgroup: _RunCgroup | None)
             except OSError:
                 pass
     if cgroup is not None:
-        cgroup.kill_all()
-    for uid in uids:
-        _kill_uid(uid)
+        cgroup.kill_all()  # every process of the run: none can leave the cgroup
+    else:
+        for uid in uids:
+            _kill_uid(uid)
     try:
         proc.wait(timeout=1.0)
     except subprocess.TimeoutExpired:
