@@ -39,7 +39,6 @@ Contract:
 
 from __future__ import annotations
 
-import atexit
 import json
 import logging
 import math
@@ -227,15 +226,17 @@ class _MathWorker:
 
 
 class _MathWorkers:
-    """Up to MAX_MATH_WORKERS worker processes, started on demand and reused; a worker past its
-    time limit or broken is killed and replaced. After a fork the child starts its own."""
+    """Up to MAX_MATH_WORKERS worker processes (~64 MB each), started on demand and reused; a
+    worker past its time limit or broken is killed and replaced. After a fork the child starts
+    its own."""
 
     def __init__(self) -> None:
         self.lock = threading.Lock()
         self.pid = os.getpid()
         self.idle: list[_MathWorker] = []
         self.slots = threading.BoundedSemaphore(MAX_MATH_WORKERS)
-        atexit.register(self.close)
+        # No atexit hook: a worker ends by itself at EOF on its stdin, i.e. when this process
+        # exits (an atexit hook here kept lm-eval's watcher from ending on SIGTERM).
 
     def check(self, completion: str, gold: str) -> bool:
         with self.lock:
