@@ -30,6 +30,7 @@ import logging
 import os
 import signal
 import sys
+import threading
 from typing import Any
 
 import hydra
@@ -75,8 +76,16 @@ def run(cfg: DictConfig) -> dict[str, Any] | list[dict[str, Any]]:
     if (cfg.model_dir is None) == (cfg.watch is None):
         raise ValueError("set exactly one of model_dir=DIR (evaluate once) or watch=RUN_DIR")
     check_tasks(list(cfg.tasks), cfg.include_path, cfg.include_defaults)  # before any model
-    # SIGTERM -> SystemExit, so `finally` closes the W&B run; a plain kill would skip that.
-    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
+    # SIGTERM -> SystemExit, so `finally` closes the W&B run; a plain kill would skip that. A
+    # SystemExit raised while a finalizer runs (e.g. datasets' Dataset.__del__ during a gc pass)
+    # is swallowed ("Exception ignored in ..."): `stopped` then ends the watch loop anyway.
+    stopped = threading.Event()
+
+    def on_sigterm(signum: int, frame: object) -> None:
+        stopped.set()
+        sys.exit(128 + signum)
+
+    signal.signal(signal.SIGTERM, on_sigterm)
     if cfg.watch is not None:
         from llada_train.eval.watch import watch
 
@@ -97,10 +106,13 @@ def run(cfg: DictConfig) -> dict[str, Any] | list[dict[str, Any]]:
                 once=cfg.once,
                 overwrite=cfg.overwrite,
                 tracker=tracker,
+                stop=stopped,
             )
         finally:
             if tracker is not None:
                 tracker.finish()
+        if stopped.is_set():
+            sys.exit(128 + signal.SIGTERM)
         failed = [r for r in records if r["status"] == "failed"]
         logger.info("watch: %d evaluated, %d failed", len(records) - len(failed), len(failed))
         return records
