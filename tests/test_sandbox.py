@@ -37,8 +37,10 @@ def _proc_stat(pid: str) -> tuple[int, str] | None:
 
 def _leftover_processes() -> list[int]:
     """Live (non-zombie) processes left by sandbox runs: descendants of this test process, and
-    orphaned sandbox processes (the bootstrap's tag in their command line, parent gone)."""
-    parents, tagged = {}, set()
+    orphaned sandbox processes (the bootstrap's tag in their command line, parent gone). The math
+    reward's worker processes, long-lived by design (other test files start them in the same
+    session), are not sandbox runs."""
+    parents, tagged, math_workers = {}, set(), set()
     for pid in filter(str.isdigit, os.listdir("/proc")):
         stat = _proc_stat(pid)
         if stat is None or stat[1] in "ZX":
@@ -46,14 +48,21 @@ def _leftover_processes() -> list[int]:
         parents[int(pid)] = stat[0]
         try:
             with open(f"/proc/{pid}/cmdline", "rb") as f:
-                if BOOTSTRAP_TAG.encode() in f.read():
-                    tagged.add(int(pid))
+                cmdline = f.read()
         except OSError:
-            pass
+            continue
+        if BOOTSTRAP_TAG.encode() in cmdline:
+            tagged.add(int(pid))
+        elif b"_serve_math" in cmdline:
+            math_workers.add(int(pid))
 
     def descends_from_us(pid: int) -> bool:
+        if pid in math_workers:
+            return False
         for _ in range(64):
             pid = parents.get(pid, 0)
+            if pid in math_workers:
+                return False
             if pid == os.getpid():
                 return True
             if pid <= 1:

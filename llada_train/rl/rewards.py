@@ -82,14 +82,14 @@ _PYTHON_LANGS = ("python", "python3", "py")
 def _last_boxed(text: str) -> str | None:
     """Content of the last complete \\boxed{...} (or \\fbox{...}), braces balanced; None if
     there is none. One pass over the text (linear time, whatever the nesting or truncation)."""
-    opens: list[tuple[int, int | None]] = []  # (depth of the brace, start of a boxed content)
+    opens: list[int | None] = []  # per open brace: where its boxed content starts, if a box
     starts = {m.end() - 1 for m in _BOXED.finditer(text)}  # positions of a boxed's "{"
     last = None
     for i, char in enumerate(text):
         if char == "{":
-            opens.append((len(opens), i + 1 if i in starts else None))
+            opens.append(i + 1 if i in starts else None)
         elif char == "}" and opens:
-            _, start = opens.pop()
+            start = opens.pop()
             if start is not None:
                 last = text[start:i]
     return last
@@ -141,10 +141,12 @@ def check_math_answer(completion: str, gold: str) -> bool:
 
     gold_parsed = _parse_gold(str(gold))
     marked = extract_answer(completion)
-    if marked is not None and _last_boxed(completion) is not None:
-        text = "\\boxed{" + marked + "}"
+    if marked is None:
+        text = completion  # no marked answer: math-verify's reading of the whole text
+    elif marked == (_last_boxed(completion) or "").strip():
+        text = "\\boxed{" + marked + "}"  # boxed: math-verify's LaTeX normalisation of a box
     else:
-        text = marked if marked is not None else completion
+        text = marked  # the rest of a `####` line
     text = _SPACED_DIGITS.sub("\n", _normalize_math(text))  # "1 2" is two numbers, not 12
     predicted = parse(text, parsing_timeout=MATH_VERIFY_TIMEOUT_S)
     if not predicted:
