@@ -74,6 +74,34 @@ def _leftover_processes() -> list[int]:
     return sorted(descendants | orphans)
 
 
+def _sandbox_processes() -> list[int]:
+    """Live processes of this test process's sandbox runs: descendants running the sandbox's
+    child program (its tag in the command line, which forks keep)."""
+    parents, tagged = {}, []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        stat = _proc_stat(pid)
+        if stat is None or stat[1] in "ZX":
+            continue
+        parents[int(pid)] = stat[0]
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                if BOOTSTRAP_TAG.encode() in f.read():
+                    tagged.append(int(pid))
+        except OSError:
+            pass
+    mine = []
+    for pid in tagged:
+        cur = pid
+        for _ in range(64):
+            cur = parents.get(cur, 0)
+            if cur == os.getpid():
+                mine.append(pid)
+                break
+            if cur <= 1:
+                break
+    return mine
+
+
 def _assert_clean() -> None:
     for _ in range(50):  # the kernel may take a moment to tear a namespace down
         if not _leftover_processes():
@@ -476,11 +504,12 @@ MEMORY_HOG = (
 
 
 def _run_memory_bytes(stop: threading.Event, peak: list[int]) -> None:
-    """Sample the anonymous memory of all our descendants (the sandbox runs) until `stop`:
-    proportional set sizes, so pages forked processes share count once."""
+    """Sample the anonymous memory of every sandbox process (the child program's tag in its
+    command line, which forks keep) until `stop`: proportional set sizes, so pages forked
+    processes share count once."""
     while not stop.is_set():
         total = 0
-        for pid in _leftover_processes():
+        for pid in _sandbox_processes():
             try:
                 with open(f"/proc/{pid}/smaps_rollup", "rb") as f:
                     for line in f:
