@@ -33,6 +33,9 @@ class DataConfig:
     hub_dataset: str | None = None  # a datasets hub name or a local dataset dir, instead of files
     hub_split: str = "train"
     field: str | None = None  # record field; default `messages` (sft) or `text` (cpt)
+    # sft record format: auto | messages | sharegpt | alpaca | prompt_completion (data/formats.py)
+    format: str = "auto"
+    supervise: str = "all"  # sft: all assistant turns are responses, or only the last
     max_length: int = 256  # tokens per example (sft) or per packed sequence (cpt)
     pad_supervised: bool = True  # sft: the EOS padding after a response is maskable/supervised
     on_bad_record: str = "error"  # error | skip (skipped records are counted and reported)

@@ -50,7 +50,8 @@ if TYPE_CHECKING:
 
 EOS_TOKEN = "<|endoftext|>"
 MASK_TOKEN = "<|mask|>"
-ROLE_TOKENS = ("<role>", "</role>", "<|role_end|>")
+ROLE_END_TOKEN = "<|role_end|>"  # closes every turn in the LLaDA2 chat template
+ROLE_TOKENS = ("<role>", "</role>", ROLE_END_TOKEN)
 SPECIAL_TOKENS = (EOS_TOKEN, MASK_TOKEN, *ROLE_TOKENS)  # ids 0..4, in this order
 RESERVED_TOKEN = "<|reserved_{}|>"  # fills the vocabulary up to vocab_size (ids at the end)
 
@@ -227,20 +228,36 @@ def encode_chat(
     template emits control ids: the template is rendered with a placeholder per message
     content, its own pieces are encoded with special tokens parsed and each content with
     `encode_text`. Raises ValueError (the template's message) for an unknown role."""
+    return encode_chat_spans(tokenizer, messages, add_generation_prompt)[0]
+
+
+def encode_chat_spans(
+    tokenizer: PreTrainedTokenizerBase,
+    messages: list[dict[str, str]],
+    add_generation_prompt: bool = True,
+) -> tuple[list[int], list[tuple[int, int]]]:
+    """`encode_chat`, plus the token span [start, end) of every message's content in the ids
+    (message order), so multi-turn SFT can supervise the assistant turns and nothing else."""
     slots = [{**m, "content": f"\ue000{i}\ue001"} for i, m in enumerate(messages)]
     rendered = tokenizer.apply_chat_template(
         slots, add_generation_prompt=add_generation_prompt, tokenize=False
     )
     ids: list[int] = []
+    spans: dict[int, tuple[int, int]] = {}
     pos = 0
     for m in _SLOT.finditer(rendered):
         if m.start() > pos:
             ids += tokenizer(rendered[pos : m.start()], add_special_tokens=False)["input_ids"]
-        ids += encode_text(tokenizer, messages[int(m.group(1))]["content"])
+        k = int(m.group(1))
+        start = len(ids)
+        ids += encode_text(tokenizer, messages[k]["content"])
+        spans[k] = (start, len(ids))
         pos = m.end()
     if pos < len(rendered):
         ids += tokenizer(rendered[pos:], add_special_tokens=False)["input_ids"]
-    return ids
+    if sorted(spans) != list(range(len(messages))):
+        raise ValueError("the chat template must render every message content exactly once")
+    return ids, [spans[k] for k in range(len(messages))]
 
 
 def special_ids(tokenizer: PreTrainedTokenizerBase) -> SpecialIds:

@@ -31,7 +31,8 @@ from dataclasses import dataclass
 
 import torch
 
-from llada_train.tokenizer import SpecialIds, encode_chat, encode_text
+from llada_train.data.formats import BadRecord, to_messages
+from llada_train.tokenizer import ROLE_END_TOKEN, SpecialIds, encode_chat_spans, encode_text
 
 
 @dataclass
@@ -49,8 +50,7 @@ class Batch:
     example_index: list[int]  # global index of each row inside its optimizer step
 
 
-class BadRecord(ValueError):
-    pass
+SUPERVISE = ("all", "last")  # SFT: which assistant turns are responses (maskable)
 
 
 # ---------------------------------------------------------------------------- reading
@@ -149,42 +149,51 @@ def build_sft_example(
     max_length: int,
     block_length: int,
     pad_supervised: bool,
-    field: str = "messages",
+    field: str | None = None,
+    fmt: str = "auto",
+    supervise: str = "all",
 ) -> Example:
-    messages = record.get(field) if isinstance(record, dict) else None
-    if messages is None:
-        raise BadRecord(f"{origin}: missing field '{field}' (a list of {{role, content}} messages)")
-    if not isinstance(messages, list) or not messages:
-        raise BadRecord(f"{origin}: '{field}' must be a non-empty list of messages")
-    for k, m in enumerate(messages):
-        if (
-            not isinstance(m, dict)
-            or not isinstance(m.get("role"), str)
-            or not isinstance(m.get("content"), str)
-        ):
-            raise BadRecord(f"{origin}: message {k} needs string fields 'role' and 'content'")
-    last = messages[-1]
-    if last["role"] != "assistant":
-        raise BadRecord(
-            f"{origin}: the last message must be the assistant's response, got '{last['role']}'"
-        )
-    if not last["content"].strip():
-        raise BadRecord(f"{origin}: empty assistant response")
+    """One chat record (any format of `formats.FORMATS`) -> token ids and maskable flags.
+
+    Layout (SPEC section 3.7): the chat template's rendering of every message before the last,
+    with the generation prompt, then the last (assistant) message and EOS, then EOS padding to
+    a multiple of `block_length`. Maskable: the last response and its EOS; the padding when
+    `pad_supervised`; with supervise="all" also every earlier assistant turn's content and the
+    `<|role_end|>` that closes it (so the model learns to end a turn as the template does);
+    system and user turns and the template's own tokens never.
+    Raises BadRecord naming `origin` for a record that does not fit.
+    """
+    if supervise not in SUPERVISE:
+        raise ValueError(f"data.supervise must be one of {SUPERVISE}, got {supervise!r}")
+    messages = to_messages(record, origin, fmt, field)
     # Text is text: special-token strings in the messages are encoded as ordinary tokens; only
     # the chat template emits control ids, and the response ends with the one real EOS.
-    prompt_ids = encode_chat(tokenizer, messages[:-1], add_generation_prompt=True)
-    response_ids = encode_text(tokenizer, last["content"]) + [ids.eos_id]
-    assert ids.mask_id not in response_ids, origin  # the mask id is never a training target
+    try:
+        prompt_ids, spans = encode_chat_spans(tokenizer, messages[:-1], add_generation_prompt=True)
+    except ValueError as e:  # the template's own check (an unknown role)
+        raise BadRecord(f"{origin}: {e}") from None
+    prompt_maskable = [False] * len(prompt_ids)
+    if supervise == "all":
+        role_end = tokenizer.convert_tokens_to_ids(ROLE_END_TOKEN)
+        for message, (begin, stop) in zip(messages[:-1], spans, strict=True):
+            if message["role"] != "assistant":
+                continue
+            prompt_maskable[begin:stop] = [True] * (stop - begin)
+            if stop < len(prompt_ids) and prompt_ids[stop] == role_end:
+                prompt_maskable[stop] = True  # the end of the turn is part of the answer
+    response_ids = encode_text(tokenizer, messages[-1]["content"]) + [ids.eos_id]
     n = len(prompt_ids) + len(response_ids)
     if n > max_length:
         raise BadRecord(
             f"{origin}: {n} tokens exceed data.max_length={max_length} (raise it or skip)"
         )
+    input_ids = prompt_ids + response_ids
+    assert ids.mask_id not in input_ids, origin  # the mask id is never a training target
     padded = -(-n // block_length) * block_length
     pad = padded - n
     return Example(
-        input_ids=prompt_ids + response_ids + [ids.eos_id] * pad,
-        maskable=[False] * len(prompt_ids) + [True] * len(response_ids) + [pad_supervised] * pad,
+        input_ids=input_ids + [ids.eos_id] * pad,
+        maskable=prompt_maskable + [True] * len(response_ids) + [pad_supervised] * pad,
     )
 
 
@@ -206,7 +215,9 @@ def load_sft_examples(
                     data_cfg.max_length,
                     block_length,
                     data_cfg.pad_supervised,
-                    data_cfg.field or "messages",
+                    data_cfg.field,
+                    data_cfg.format,
+                    data_cfg.supervise,
                 )  # fmt: skip
             )
         except BadRecord:
