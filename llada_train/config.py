@@ -36,6 +36,7 @@ class DataConfig:
     # sft record format: auto | messages | sharegpt | alpaca | prompt_completion (data/formats.py)
     format: str = "auto"
     supervise: str = "all"  # sft: all assistant turns are responses, or only the last
+    pack: str = "auto"  # sft: several chats per sequence: always | never | auto (when cheaper)
     max_length: int = 256  # tokens per example (sft) or per packed sequence (cpt)
     pad_supervised: bool = True  # sft: the EOS padding after a response is maskable/supervised
     on_bad_record: str = "error"  # error | skip (skipped records are counted and reported)

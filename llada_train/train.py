@@ -43,7 +43,12 @@ from llada_train.corruption import (
     example_seed,
     with_complements,
 )
-from llada_train.data.pipeline import GlobalBatches, load_cpt_examples, load_sft_examples
+from llada_train.data.pipeline import (
+    GlobalBatches,
+    choose_packing,
+    load_cpt_examples,
+    load_sft_examples,
+)
 from llada_train.distributed import (
     DistInfo,
     all_reduce_sum,
@@ -294,10 +299,16 @@ def train(cfg: DictConfig, task: str) -> str:
     if resume_path:
         check_resume_keys(resume_path, fixed, cfg.resume_allow_changes)
 
+    packing: dict[str, float] = {}
     if task == "sft":
-        examples, skipped = load_sft_examples(cfg.data, tokenizer, ids, cfg.block_length)
+        chats, skipped = load_sft_examples(cfg.data, tokenizer, ids, cfg.block_length)
+        examples, packing = choose_packing(
+            chats, cfg.data.pack, cfg.data.max_length, cfg.block_length,
+            cfg.global_batch_size, cfg.micro_batch_size, cfg.seed,
+        )  # fmt: skip
     else:
         examples, skipped = load_cpt_examples(cfg.data, tokenizer, ids)
+        chats = examples
     pad_maskable = cfg.data.pad_supervised if task == "sft" else True
     batches = GlobalBatches(
         examples, cfg.global_batch_size, cfg.micro_batch_size, info.rank, info.world_size,
@@ -336,7 +347,24 @@ def train(cfg: DictConfig, task: str) -> str:
             + (f", resumed from {resume_path}" if resume_path else ""),
             flush=True,
         )
-    prompts = smoke_prompts(tokenizer, task, examples)
+        if packing:
+            print(
+                f"data.pack={cfg.data.pack}: "
+                + (
+                    f"{len(chats)} chats packed into {len(examples)} sequences "
+                    f"({packing['chats_per_sequence']:.2f} per sequence)"
+                    if packing["packed"]
+                    else "not packed"
+                )
+                + (
+                    f"; cost model {packing['forward_tokens_per_chat_plain']:.0f} forward tokens "
+                    f"per chat unpacked vs {packing['forward_tokens_per_chat_packed']:.0f} packed"
+                    if "chats_per_sequence" in packing
+                    else ""
+                ),
+                flush=True,
+            )
+    prompts = smoke_prompts(tokenizer, task, chats)
     export_dtype = {"auto": None, "float32": torch.float32, "bfloat16": torch.bfloat16}[
         cfg.checkpoint.export_dtype
     ]

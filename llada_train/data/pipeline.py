@@ -229,6 +229,101 @@ def load_sft_examples(
     return examples, skipped
 
 
+# ---------------------------------------------------------------------------- SFT packing
+PACK = ("auto", "always", "never")
+
+
+def pack_examples(examples: list[Example], max_length: int, seed: int) -> list[Example]:
+    """Several SFT chats per sequence of at most `max_length` tokens (SPEC section 3.7).
+
+    Every chat keeps its own block-multiple padding, so its blocks stay aligned to positions
+    that are multiples of block_length and, with the document mask (`doc_ids` numbers the chats
+    of a sequence), its loss is the one it has alone (RoPE sees relative positions only). Chats
+    are taken in a seeded random order (so a sequence mixes lengths and sources) and added to
+    the current sequence while they fit (next fit); a chat longer than max_length cannot occur
+    (`build_sft_example` rejects it). Returns the packed examples; the input is not changed.
+    """
+    g = torch.Generator().manual_seed(seed * 1_000_003 + 500_000)  # not any epoch's stream
+    order = torch.randperm(len(examples), generator=g).tolist()
+    packed: list[Example] = []
+    ids: list[int] = []
+    maskable: list[bool] = []
+    docs: list[int] = []
+    for i in order:
+        e = examples[i]
+        if ids and len(ids) + len(e.input_ids) > max_length:
+            packed.append(Example(ids, maskable, docs))
+            ids, maskable, docs = [], [], []
+        doc = docs[-1] + 1 if docs else 0
+        ids = ids + e.input_ids
+        maskable = maskable + e.maskable
+        docs = docs + [doc] * len(e.input_ids)
+    if ids:
+        packed.append(Example(ids, maskable, docs))
+    return packed
+
+
+def forward_tokens(
+    lengths: list[int], global_batch_size: int, micro_batch_size: int, block_length: int
+) -> int:
+    """Tokens the model processes for one pass over examples of these lengths (in this order),
+    batched as `GlobalBatches` does: each global batch sorted by length, each micro-batch
+    padded to its longest row, and doubled by the [x_t ; x_0] layout when that row spans more
+    than one block. A cost model for `data.pack=auto`, not a measurement."""
+    total = 0
+    for g in range(0, len(lengths) - global_batch_size + 1, global_batch_size):
+        batch = sorted(lengths[g : g + global_batch_size])
+        for m in range(0, global_batch_size, micro_batch_size):
+            longest = max(batch[m : m + micro_batch_size])
+            total += micro_batch_size * longest * (2 if longest > block_length else 1)
+    return total
+
+
+def choose_packing(
+    examples: list[Example],
+    mode: str,
+    max_length: int,
+    block_length: int,
+    global_batch_size: int,
+    micro_batch_size: int,
+    seed: int,
+) -> tuple[list[Example], dict[str, float]]:
+    """The SFT examples to train on, packed or not, and the figures behind the choice.
+
+    mode "always" packs, "never" does not, "auto" packs iff the cost model (`forward_tokens`
+    per chat, over one pass) is at least 10% lower packed: short single-block chats are cheaper
+    alone (one block needs no clean copy, SPEC section 2), long-tailed lengths are cheaper
+    packed (no micro-batch padding to the longest chat). Note that `global_batch_size` then
+    counts packed sequences. Raises ValueError for an unknown mode.
+    """
+    if mode not in PACK:
+        raise ValueError(f"data.pack must be one of {PACK}, got {mode!r}")
+    if mode == "never":
+        return examples, {"packed": 0.0}
+    packed = pack_examples(examples, max_length, seed)
+    order = epoch_order(len(examples), seed, 0)
+    plain_cost = forward_tokens(
+        [len(examples[i].input_ids) for i in order], global_batch_size, micro_batch_size,
+        block_length,
+    )  # fmt: skip
+    packed_cost = forward_tokens(
+        [len(e.input_ids) for e in packed], global_batch_size, micro_batch_size, block_length
+    )
+    # per chat: the plain pass covers whole global batches of chats, the packed one of sequences
+    plain_per_chat = plain_cost / max(len(examples) // global_batch_size * global_batch_size, 1)
+    chats_per_seq = len(examples) / len(packed)
+    covered = len(packed) // global_batch_size * global_batch_size
+    packed_per_chat = packed_cost / max(covered * chats_per_seq, 1)
+    use = mode == "always" or (covered > 0 and packed_per_chat <= 0.9 * plain_per_chat)
+    figures = {
+        "packed": float(use),
+        "chats_per_sequence": chats_per_seq,
+        "forward_tokens_per_chat_plain": plain_per_chat,
+        "forward_tokens_per_chat_packed": packed_per_chat,
+    }
+    return (packed if use else examples), figures
+
+
 # ---------------------------------------------------------------------------- CPT
 def load_cpt_examples(data_cfg, tokenizer, ids: SpecialIds) -> tuple[list[Example], int]:
     """Pack documents (+EOS) into sequences of data.max_length with per-sequence doc ids."""
