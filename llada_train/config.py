@@ -88,6 +88,15 @@ class MoEConfig:
     aux_loss_coef: float = 0.0  # optional load-balance auxiliary loss (0 = off, as official)
 
 
+DEFAULT_CHECKPOINT_EVAL = {"tasks": ["llada_arith_gen"], "limit": 50}
+
+
+def checkpoint_eval_node(node: Any) -> dict[str, Any]:
+    """`checkpoint.eval` over DEFAULT_CHECKPOINT_EVAL, as a plain dict for `as_eval_config`."""
+    given = OmegaConf.to_container(OmegaConf.create(node), resolve=True) if node else {}
+    return {**DEFAULT_CHECKPOINT_EVAL, **given}
+
+
 @dataclass
 class CheckpointConfig:
     save_every: int = 50  # optimizer steps between saves (and at the last step)
@@ -96,9 +105,14 @@ class CheckpointConfig:
     export_dtype: str = "auto"  # auto (the training dtype) | float32 | bfloat16
     smoke_prompts: int = 2  # prompts decoded with the shared sampler at every save (0 = off)
     smoke_gen_length: int = 32
-    eval_every_saves: int = 0  # lm-eval of every Nth saved checkpoint, in process (0 = off;
-    # `python -m llada_train.eval watch=RUN_DIR` evaluates them from another process instead)
-    eval: Any = None  # partial EvalConfig for it, e.g. {tasks: [llada_arith_gen], limit: 100}
+    eval_every_saves: int = 1  # lm-eval of every Nth saved checkpoint (0 = off)
+    # background: a watcher process beside the run (never blocks training); in_process: rank 0
+    # evaluates the gathered weights at the save (blocks); auto: background on CPU, in_process
+    # on GPU (whose memory training holds). `python -m llada_train.eval watch=RUN_DIR` by hand.
+    eval_mode: str = "auto"
+    # partial EvalConfig (llada_train/eval/config.py), e.g. {tasks: [...], limit: 100};
+    # null = DEFAULT_CHECKPOINT_EVAL (the shipped generation task, 50 questions)
+    eval: Any = None
 
 
 @dataclass

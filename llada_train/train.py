@@ -36,6 +36,7 @@ from llada_train.checkpoint import (
     resolve_resume,
     save_checkpoint,
 )
+from llada_train.config import checkpoint_eval_node
 from llada_train.corruption import (
     Corruption,
     apply_model_draft,
@@ -64,6 +65,7 @@ from llada_train.distributed import (
     world_size_from_env,
 )
 from llada_train.errors import check_known_keys, check_writable
+from llada_train.eval.watch import start_background
 from llada_train.losses import (
     diffusion_loss,
     expert_bias_update,
@@ -365,6 +367,14 @@ def train(cfg: DictConfig, task: str) -> str:
                 flush=True,
             )
     prompts = smoke_prompts(tokenizer, task, chats)
+    eval_mode = resolve_eval_mode(cfg.checkpoint, info.device)
+    if eval_mode == "background" and info.is_main:
+        watcher = start_background(
+            run_dir, cfg.checkpoint.eval, cfg.tracking,
+            every_steps=cfg.checkpoint.save_every * cfg.checkpoint.eval_every_saves,
+        )  # fmt: skip
+        print(f"evaluating every checkpoint in the background: pid {watcher.pid}, log "
+              f"{os.path.join(run_dir, 'eval', 'watcher.log')}", flush=True)  # fmt: skip
     export_dtype = {"auto": None, "float32": torch.float32, "bfloat16": torch.bfloat16}[
         cfg.checkpoint.export_dtype
     ]
@@ -516,6 +526,23 @@ def stop_on_nonfinite(
         )
 
 
+EVAL_MODES = ("auto", "background", "in_process")
+
+
+def resolve_eval_mode(checkpoint_cfg, device: torch.device) -> str:
+    """The evaluation of saved checkpoints: off (eval_every_saves 0), background or in_process;
+    auto is background on CPU and in_process on GPU, whose memory the training job holds.
+    Raises ValueError for an unknown checkpoint.eval_mode."""
+    mode = checkpoint_cfg.eval_mode
+    if mode not in EVAL_MODES:
+        raise ValueError(f"checkpoint.eval_mode must be one of {EVAL_MODES}, got {mode!r}")
+    if checkpoint_cfg.eval_every_saves <= 0:
+        return "off"
+    if mode == "auto":
+        return "in_process" if device.type == "cuda" else "background"
+    return mode
+
+
 def evaluate_in_process(path, step, model, tokenizer, cfg, info, tracker) -> None:
     """lm-eval of the checkpoint on rank 0 with the weights gathered once (a collective, so
     every rank enters); results go next to the checkpoint and to the tracker at `step`."""
@@ -526,7 +553,8 @@ def evaluate_in_process(path, step, model, tokenizer, cfg, info, tracker) -> Non
     try:
         with inference_model(model) as whole:
             if info.is_main:
-                evaluate_checkpoint(path, cfg.checkpoint.eval, model=whole, tokenizer=tokenizer,
+                node = checkpoint_eval_node(cfg.checkpoint.eval)
+                evaluate_checkpoint(path, node, model=whole, tokenizer=tokenizer,
                                     step=step, tracker=tracker)  # fmt: skip
             barrier()
     finally:
@@ -539,7 +567,8 @@ def on_checkpoint(path, step, model, tokenizer, ids, cfg, info, prompts, tracker
     `checkpoint.eval_every_saves` saves an lm-eval run. A failure is logged and never stops
     training."""
     every = cfg.checkpoint.eval_every_saves
-    if every > 0 and (step // cfg.checkpoint.save_every) % every == 0:
+    in_process = resolve_eval_mode(cfg.checkpoint, info.device) == "in_process"
+    if in_process and (step // cfg.checkpoint.save_every) % every == 0:
         try:
             evaluate_in_process(path, step, model, tokenizer, cfg, info, tracker)
         except Exception as e:  # noqa: BLE001 - evaluation must never kill training

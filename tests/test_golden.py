@@ -48,6 +48,7 @@ TRAIN = [
     "optim.warmup_ratio=0.05",
     "optim.min_lr_ratio=0.1",
     "checkpoint.save_every=1000",
+    "checkpoint.eval_every_saves=0",
     "tracking=disabled",
     "progress=false",
 ]

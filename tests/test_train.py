@@ -15,6 +15,7 @@ import resource
 import signal
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -38,6 +39,7 @@ SMALL = [
     "checkpoint.smoke_gen_length=8",
     "tracking=disabled",
     "progress=false",
+    "checkpoint.eval_every_saves=0",  # the background evaluation has a test of its own
 ]
 
 
@@ -210,7 +212,8 @@ def test_mini_recipe_without_weights_says_what_to_pass():
 def test_in_process_evaluation_of_checkpoints(tmp_path):
     out = tmp_path / "run"
     run_entry(
-        "sft", out, "max_steps=2", "checkpoint.eval_every_saves=1",
+        "sft", out, "max_steps=2",
+        "checkpoint.eval_every_saves=1", "checkpoint.eval_mode=in_process",
         "checkpoint.eval={tasks: [llada_arith_gen], limit: 4, tracking: {mode: disabled}}",
     )  # fmt: skip
     results = json.load(
@@ -218,6 +221,29 @@ def test_in_process_evaluation_of_checkpoints(tmp_path):
     )
     assert results["step"] == 2 and "llada_arith_gen" in json.dumps(results)
     assert any("eval/" in k or "llada_arith_gen" in k for m in read_metrics(out) for k in m)
+
+
+def test_every_checkpoint_is_evaluated_in_the_background_by_default(tmp_path):
+    """The default (eval_every_saves=1, eval_mode auto = background on CPU): a watcher process
+    started by the run evaluates each checkpoint, outlives the training process, evaluates the
+    last save and exits by itself."""
+    out = tmp_path / "run"
+    proc = run_entry(
+        "sft", out, "max_steps=2", "checkpoint.save_every=1", "checkpoint.eval_every_saves=1",
+        "checkpoint.eval={tasks: [llada_arith_gen], limit: 2}",
+    )  # fmt: skip
+    assert "evaluating every checkpoint in the background" in proc.stdout
+    pid = int(open(os.path.join(out, "eval", "watcher.pid")).read())
+    deadline = time.monotonic() + 600
+    while os.path.exists(f"/proc/{pid}") and time.monotonic() < deadline:
+        time.sleep(0.5)  # a bounded wait for a process, not a timing assertion
+    assert not os.path.exists(f"/proc/{pid}"), "the watcher did not exit after training"
+    log = open(os.path.join(out, "eval", "watcher.log")).read()
+    for step in (1, 2):
+        path = os.path.join(out, "checkpoints", f"step_{step:08d}", "eval_results.json")
+        assert os.path.exists(path), log[-3000:]
+        assert json.load(open(path))["step"] == step
+    assert "2 evaluated, 0 failed" in log
 
 
 @pytest.mark.parametrize(("entry", "micro", "steps"), [("sft", 32, 1000), ("cpt", 16, 100)])

@@ -34,15 +34,15 @@ import threading
 from typing import Any
 
 import hydra
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from llada_train import CONF_DIR
-from llada_train.config import TrackingConfig
 from llada_train.errors import check_known_keys, user_errors
 from llada_train.eval.config import register_eval_schema
 from llada_train.eval.evaluate import (
     check_tasks,
     evaluate_checkpoint,
+    make_tracker,
     resolve_target,
     results_path,
 )
@@ -50,25 +50,6 @@ from llada_train.eval.evaluate import (
 logger = logging.getLogger("llada_train.eval")
 
 register_eval_schema()
-
-
-def make_tracker(cfg: DictConfig, tracking_dir: str, run_name: str):
-    """A Tracker writing to `tracking_dir` (None when tracking is disabled). It never truncates
-    earlier lines of metrics.jsonl: results of earlier checkpoints stay."""
-    if cfg.tracking.mode == "disabled":
-        return None
-    from llada_train.tracking import Tracker
-
-    tracking = TrackingConfig(**OmegaConf.to_container(cfg.tracking, resolve=True))
-    tracking.run_name = tracking.run_name or run_name
-    return Tracker(
-        tracking,
-        tracking_dir,
-        config_dict=OmegaConf.to_container(cfg, resolve=True),
-        is_main=True,
-        resume_step=sys.maxsize,  # Tracker drops lines after resume_step: keep them all
-        job_type="eval",
-    )
 
 
 def run(cfg: DictConfig) -> dict[str, Any] | list[dict[str, Any]]:

@@ -24,6 +24,7 @@ import json
 import logging
 import math
 import os
+import sys
 import time
 from typing import Any
 
@@ -32,6 +33,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from llada_train import REPO_ROOT
 from llada_train.checkpoint import COMPLETE
+from llada_train.config import TrackingConfig
 from llada_train.eval.config import as_eval_config
 from llada_train.generate import sampler_config
 from llada_train.model.io import training_default
@@ -294,3 +296,22 @@ def _short_scores(summary: dict[str, Any]) -> str:
         if not metric.endswith("_stderr")
     ]
     return ", ".join(parts) + f", TPF {summary['tpf']:.2f}, {summary['tokens_per_s']:.1f} tok/s"
+
+
+def make_tracker(cfg: DictConfig, tracking_dir: str, run_name: str):
+    """A Tracker writing to `tracking_dir` (None when tracking is disabled). It never truncates
+    earlier lines of metrics.jsonl: results of earlier checkpoints stay."""
+    if cfg.tracking.mode == "disabled":
+        return None
+    from llada_train.tracking import Tracker
+
+    tracking = TrackingConfig(**OmegaConf.to_container(cfg.tracking, resolve=True))
+    tracking.run_name = tracking.run_name or run_name
+    return Tracker(
+        tracking,
+        tracking_dir,
+        config_dict=OmegaConf.to_container(cfg, resolve=True),
+        is_main=True,
+        resume_step=sys.maxsize,  # Tracker drops lines after resume_step: keep them all
+        job_type="eval",
+    )

@@ -21,20 +21,28 @@ Contract:
   evaluated, that evaluation fails and is skipped like any other.
 - `once=True` (or `stop` set) ends the loop after the current scan; `watch` returns one record
   per checkpoint handled: {"step", "path", "status": "ok" | "failed", "error"?, "summary"?}.
+- `exit_with_pid=PID` (the training job that started the watcher, `eval.background`): once that
+  process is gone, one last scan picks up the checkpoints saved since the previous one, then the
+  loop ends. `every_steps=N` evaluates only steps that are multiples of N, plus the newest
+  checkpoint of that last scan (the run's final save).
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import subprocess
+import sys
 import threading
 import time
 import traceback
 from typing import Any
 
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from llada_train.checkpoint import complete_checkpoints
+from llada_train.config import checkpoint_eval_node
+from llada_train.eval.config import as_eval_config
 from llada_train.eval.evaluate import ERROR_FILE, RESULTS_FILE, evaluate_checkpoint, write_json
 
 logger = logging.getLogger(__name__)
@@ -69,23 +77,46 @@ def watch(
     overwrite: bool = False,
     tracker: Any = None,
     stop: threading.Event | None = None,
+    exit_with_pid: int | None = None,
+    every_steps: int | None = None,
 ) -> list[dict[str, Any]]:
-    """Evaluate new complete checkpoints of `run_dir` until `once` or `stop` (module doc)."""
+    """Evaluate new complete checkpoints of `run_dir` until `once`, `stop` or the end of
+    process `exit_with_pid` (module doc)."""
     stop = stop or threading.Event()
     handled: set[str] = set()
     records: list[dict[str, Any]] = []
     logger.info("watching %s (every %.0f s)", checkpoints_root(run_dir), poll_s)
     while True:
-        for step, path in pending_checkpoints(run_dir, overwrite, handled):
+        last_scan = exit_with_pid is not None and not _is_alive(exit_with_pid)
+        pending = pending_checkpoints(run_dir, overwrite, handled)
+        for k, (step, path) in enumerate(pending):
             if stop.is_set():
                 break
             handled.add(path)
+            is_final = last_scan and k == len(pending) - 1
+            if every_steps and step % every_steps and not is_final:
+                continue
             records.append(_evaluate_one(step, path, eval_cfg, tracker))
-        if once or stop.is_set():
+        if once or stop.is_set() or last_scan:
             return records
         stop.wait(poll_s)
         if stop.is_set():
             return records
+
+
+def _is_alive(pid: int) -> bool:
+    """Whether process `pid` still runs (a zombie child counts as gone)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:  # no /proc (not Linux): fall back to a signal-0 probe
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return False
+        except PermissionError:
+            return True
+        return True
 
 
 def _evaluate_one(step: int, path: str, eval_cfg, tracker) -> dict[str, Any]:
@@ -116,3 +147,33 @@ def _evaluate_one(step: int, path: str, eval_cfg, tracker) -> dict[str, Any]:
             except Exception:  # tracking must not stop the watcher either
                 logger.exception("logging the failure of step %d failed", step)
         return {"step": step, "path": path, "status": "failed", "error": error}
+
+
+def start_background(
+    run_dir: str, eval_node, tracking_node, every_steps: int | None
+) -> subprocess.Popen:
+    """Start `python -m llada_train.eval.background` on `run_dir` (see that module): a watcher
+    that evaluates every checkpoint as it appears and exits after the calling process."""
+
+    eval_dir = os.path.join(run_dir, "eval")
+    os.makedirs(eval_dir, exist_ok=True)
+    cfg = as_eval_config({"poll_s": 10.0, **checkpoint_eval_node(eval_node)})
+    cfg.watch = run_dir
+    if tracking_node is not None:
+        cfg.tracking = OmegaConf.merge(cfg.tracking, tracking_node)
+    OmegaConf.update(cfg, "device", "cpu" if cfg.device == "auto" else cfg.device)
+    path = os.path.join(eval_dir, "watcher.yaml")
+    job = {"pid": os.getpid(), "every_steps": every_steps, "eval": OmegaConf.to_container(cfg)}
+    OmegaConf.save(OmegaConf.create(job), path)
+    log = open(os.path.join(eval_dir, "watcher.log"), "ab")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "llada_train.eval.background", path],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        stdin=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    log.close()
+    with open(os.path.join(eval_dir, "watcher.pid"), "w") as f:
+        f.write(f"{proc.pid}\n")
+    return proc
