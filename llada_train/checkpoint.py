@@ -224,6 +224,8 @@ def save_checkpoint(
     tokenizer=None,
     facts: dict | None = None,
     fixed: dict | None = None,
+    adapter_only: bool = False,
+    export_state=None,
 ) -> str:
     """Save DeepSpeed state + HF export of `step` atomically; returns the final path.
     `facts`: the decode-relevant training facts written next to the export's config.json
@@ -232,7 +234,10 @@ def save_checkpoint(
     removed and the previous checkpoints stay intact.
     `fixed`: the settings a resumed run must share (data, global batch, seed, model), recorded in
     COMPLETE.json for `check_resume_keys`. Weights that are not finite are never saved: a
-    ValueError instead (agreed over all ranks)."""
+    ValueError instead (agreed over all ranks).
+    `adapter_only`: the DeepSpeed state holds the trainable parameters only (LoRA: the frozen
+    base comes from init_from). `export_state(model, gather)`: the (official name, tensor)
+    pairs of the HF export, default `official_state_dict` (LoRA: `lora.merged_official_state`)."""
     if not weights_finite(engine.module, engine.device):
         raise ValueError(
             f"step {step}: the weights hold non-finite values; no checkpoint is written (the "
@@ -243,7 +248,8 @@ def save_checkpoint(
     final = os.path.join(ckpt_root, tag)
     try:
         _write_partial(engine, ckpt_root, partial, client_state, is_main, export_hf,
-                       export_dtype, tokenizer, facts, step)  # fmt: skip
+                       export_dtype, tokenizer, facts, step, adapter_only,
+                       export_state)  # fmt: skip
     except (OSError, RuntimeError) as e:
         message = disk_full_message(e, partial)
         if message is None:
@@ -277,18 +283,21 @@ def save_checkpoint(
 
 
 def _write_partial(engine, ckpt_root, partial, client_state, is_main, export_hf, export_dtype,
-                   tokenizer, facts, step) -> None:  # fmt: skip
+                   tokenizer, facts, step, adapter_only=False,
+                   export_state=None) -> None:  # fmt: skip
     """The DeepSpeed files (every rank) and the HF export (rank 0) of one save, into `partial`."""
     engine.save_checkpoint(
-        ckpt_root, tag=os.path.basename(partial), client_state=client_state, save_latest=False
-    )
+        ckpt_root, tag=os.path.basename(partial), client_state=client_state, save_latest=False,
+        exclude_frozen_parameters=adapter_only,
+    )  # fmt: skip
     if export_hf:  # under ZeRO-3 one decoder layer at a time is gathered, on every rank
         model = engine.module
         gather = layerwise_gather(model)
         if is_main:
-            state = official_state_dict(model, gather=gather)
+            state = (export_state or official_state_dict)(model, gather=gather)
             hf_dir = os.path.join(partial, "hf")
-            save_pretrained(model, hf_dir, dtype=export_dtype, tokenizer=tokenizer, state=state)
+            base = model.get_base_model() if hasattr(model, "get_base_model") else model
+            save_pretrained(base, hf_dir, dtype=export_dtype, tokenizer=tokenizer, state=state)
             if facts is not None:
                 save_training_facts(hf_dir, {**facts, "step": step})
         else:
@@ -310,10 +319,13 @@ def fault_point(name: str, step: int) -> None:
         os.kill(os.getpid(), signal.SIGKILL)
 
 
-def load_checkpoint(engine, path: str) -> dict:
-    """Restore engine (model, optimizer, scheduler) from a complete checkpoint; client state."""
+def load_checkpoint(engine, path: str, adapter_only: bool = False) -> dict:
+    """Restore engine (model, optimizer, scheduler) from a complete checkpoint; client state.
+    `adapter_only`: the checkpoint holds the trainable parameters only (see save_checkpoint)."""
     root, tag = os.path.split(os.path.abspath(path))
-    load_path, client_state = engine.load_checkpoint(root, tag=tag)
+    load_path, client_state = engine.load_checkpoint(
+        root, tag=tag, load_module_strict=not adapter_only
+    )
     if load_path is None:
         raise ValueError(f"{path}: DeepSpeed could not load this checkpoint")
     return client_state or {}

@@ -20,6 +20,7 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, OmegaConf
 
 from llada_train import CONF_DIR, RECIPES_DIR, REPO_ROOT
+from llada_train.lora import LoraSettings
 
 # ${repo:relative/path} -> an absolute path inside the repository (shipped data, tokenizer).
 if not OmegaConf.has_resolver("repo"):
@@ -128,6 +129,7 @@ class TrainConfig:
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     moe: MoEConfig = field(default_factory=MoEConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    lora: LoraSettings = field(default_factory=LoraSettings)  # llada_train/lora.py
     sampler: Any = None  # a conf/sampler node, for the smoke generation at each save
     block_length: int = 32
     micro_batch_size: int = 4

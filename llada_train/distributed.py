@@ -175,10 +175,11 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
         if p.requires_grad:
             ndim = len(p.ds_shape) if hasattr(p, "ds_shape") else p.ndim
             (decay if ndim >= 2 else no_decay).append(p)
-    return [
+    groups = [
         {"params": decay, "weight_decay": weight_decay},
         {"params": no_decay, "weight_decay": 0.0},
     ]
+    return [g for g in groups if g["params"]]  # LoRA trains matrices only: no empty group
 
 
 def lr_lambda(step: int, max_steps: int, warmup_ratio: float, min_lr_ratio: float) -> float:

@@ -66,6 +66,13 @@ from llada_train.distributed import (
 )
 from llada_train.errors import check_known_keys, check_writable
 from llada_train.eval.watch import start_background
+from llada_train.lora import (
+    apply_lora,
+    check_lora,
+    lora_parameter_count,
+    merged_official_state,
+    trainable_parameters,
+)
 from llada_train.losses import (
     diffusion_loss,
     expert_bias_update,
@@ -159,6 +166,7 @@ def check_config(cfg: DictConfig, task: str) -> None:
             f"{cfg.block_length}: examples are padded (SFT) or cut (CPT) to whole blocks, so they "
             f"would exceed it; set data.max_length={fit} or another multiple"
         )
+    check_lora(cfg.lora, cfg.deepspeed.stage)
 
 
 def dry_run(cfg: DictConfig, task: str) -> None:
@@ -182,6 +190,12 @@ def dry_run(cfg: DictConfig, task: str) -> None:
     print(f"active per token:  {active:,} ({active / 1e9:.2f}B)")
     k, e = config.num_experts_per_tok, config.num_experts
     print(f"layers {config.num_hidden_layers}, experts {e} top-{k}")
+    if cfg.lora.enabled:
+        n = lora_parameter_count(config, cfg.lora)
+        print(
+            f"LoRA r={cfg.lora.r} on {list(cfg.lora.target_modules)}: {n:,} trainable "
+            f"({n / total:.3%} of the model; routed experts, router, embeddings frozen)"
+        )
     print("resolved DeepSpeed config:")
     print(json.dumps(ds, indent=2))
 
@@ -323,6 +337,9 @@ def train(cfg: DictConfig, task: str) -> str:
     model = build_model(cfg, config, ds_config, info)
     model.gradient_checkpointing = cfg.activation_checkpointing
     model.attention_backend = cfg.attention_backend
+    use_lora = cfg.lora.enabled
+    if use_lora:  # adapters on the attention and dense MLPs, base frozen (llada_train/lora.py)
+        model = apply_lora(model, cfg.lora)
     engine = create_engine(model, ds_config, cfg.optim, cfg.max_steps)
     model = engine.module
     for moe in model.moe_layers():  # selection-only bias stays fp32 whatever the weights' dtype
@@ -330,7 +347,7 @@ def train(cfg: DictConfig, task: str) -> str:
 
     start_step = 0
     if resume_path:
-        state = load_checkpoint(engine, resume_path)
+        state = load_checkpoint(engine, resume_path, adapter_only=use_lora)
         start_step = int(state["step"])
         for moe, bias in zip(model.moe_layers(), state.get("expert_bias", []), strict=False):
             moe.gate.expert_bias.copy_(torch.tensor(bias, dtype=torch.float32))
@@ -343,7 +360,9 @@ def train(cfg: DictConfig, task: str) -> str:
         total, active = config.num_parameters()
         print(
             f"{task}: {len(examples)} examples ({skipped} bad records skipped), "
-            f"{total / 1e6:.2f}M params ({active / 1e6:.2f}M active), world {info.world_size}, "
+            f"{total / 1e6:.2f}M params ({active / 1e6:.2f}M active, "
+            f"{trainable_parameters(model) / 1e6:.3f}M trained{' by LoRA' if use_lora else ''}), "
+            f"world {info.world_size}, "
             f"accumulation {accumulation}, ZeRO-{cfg.deepspeed.stage}, {precision}, "
             f"steps {start_step}->{cfg.max_steps}"
             + (f", resumed from {resume_path}" if resume_path else ""),
@@ -497,6 +516,8 @@ def train(cfg: DictConfig, task: str) -> str:
             path = save_checkpoint(
                 engine, ckpt_root, step + 1, client_state, info.is_main, cfg.checkpoint.keep_last,
                 cfg.checkpoint.export_hf, export_dtype, tokenizer, facts, fixed,
+                adapter_only=use_lora,
+                export_state=merged_official_state if use_lora else None,
             )  # fmt: skip
             on_checkpoint(path, step + 1, model, tokenizer, ids, cfg, info, prompts, tracker)
         if info.is_main:
