@@ -196,6 +196,7 @@ class RLConfig:
     deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    lora: LoraSettings = field(default_factory=LoraSettings)  # llada_train/lora.py
     sampler: Any = None  # conf/sampler node: the base of rollout and held-out decoding
     block_length: int | None = None  # null = init_from's trained block length (else 32)
     micro_batch_size: int = 8  # sequences per forward in the ELBO passes

@@ -111,3 +111,27 @@ def _settings(**kw):
     from llada_train.lora import LoraSettings
 
     return LoraSettings(enabled=True, **kw)
+
+
+def test_cpt_and_rl_take_lora_too(base, tmp_path):
+    """The CPT entry and the EBPO loop train adapters only, save adapter-only checkpoints and
+    export merged models that load; the first EBPO ratio is 1 (theta = theta_old at step 1)."""
+    cpt = tmp_path / "cpt"
+    run("llada_train.cpt", *LORA, "max_steps=2", "checkpoint.save_every=2", f"init_from={base}",
+        f"output_dir={cpt}")  # fmt: skip
+    assert len(losses(cpt)) == 2
+    rl = tmp_path / "rl"
+    run(
+        "llada_train.rl", "conf=ebpo", f"init_from={base}", f"output_dir={rl}", "lora.enabled=true",
+        "lora.r=4", "max_steps=2", "rollout.prompts_per_step=2", "rollout.group_size=4",
+        "micro_batch_size=4", "rollout.gen_length=16", "data.num_eval_prompts=4", "eval_every=2",
+        "checkpoint.save_every=2", "tracking=disabled", "progress=false",
+    )  # fmt: skip
+    train = [m for m in read_metrics(rl) if "ratio/mean" in m]
+    assert [m["step"] for m in train] == [1, 2]
+    assert train[0]["ratio/mean"] == pytest.approx(1.0, abs=0.05)
+    for run_dir in (cpt, rl):
+        ckpt = os.path.join(run_dir, "checkpoints", "step_00000002")
+        state = torch.load(os.path.join(ckpt, "mp_rank_00_model_states.pt"), weights_only=False)
+        assert all(".lora_" in n or n.endswith("expert_bias") for n in state["module"])
+        from_pretrained(os.path.join(ckpt, "hf"))  # the merged export is a plain model

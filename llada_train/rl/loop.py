@@ -47,6 +47,7 @@ from llada_train.distributed import (
 )
 from llada_train.errors import check_known_keys, check_writable
 from llada_train.generate import encode_prompt, sampler_config
+from llada_train.lora import apply_lora, check_lora, merged_official_state
 from llada_train.losses import micro_batch_loss
 from llada_train.model.attention import BACKENDS
 from llada_train.model.config import LLaDA2MoeConfig
@@ -183,6 +184,7 @@ def check_rl_config(cfg: DictConfig, world_size: int) -> tuple[int, int]:
     """(prompts per rank, accumulation steps), or a ValueError saying what to change."""
     if cfg.attention_backend not in BACKENDS:
         raise ValueError(f"attention_backend={cfg.attention_backend!r}: choose one of {BACKENDS}")
+    check_lora(cfg.lora, cfg.deepspeed.stage)
     r = cfg.rollout
     if r.prompts_per_step % world_size:
         raise ValueError(
@@ -252,6 +254,9 @@ def rl_train(cfg: DictConfig) -> str:
     model.gradient_checkpointing = cfg.activation_checkpointing
     model.attention_backend = cfg.attention_backend
     reference = copy.deepcopy(model).eval().requires_grad_(False) if cfg.conf.kl_coef > 0 else None
+    use_lora = cfg.lora.enabled
+    if use_lora:  # adapters on the attention and dense MLPs, base frozen (llada_train/lora.py)
+        model = apply_lora(model, cfg.lora)
     updates = cfg.conf.updates_per_batch
     engine = create_engine(model, ds_config, cfg.optim, cfg.max_steps * updates)
     model = engine.module
@@ -264,7 +269,7 @@ def rl_train(cfg: DictConfig) -> str:
 
     start_step = 0
     if resume_path:
-        start_step = int(load_checkpoint(engine, resume_path)["step"])
+        start_step = int(load_checkpoint(engine, resume_path, adapter_only=use_lora)["step"])
         reset_schedule(engine, cfg.optim.lr)  # the next update follows the current schedule
     tracker = Tracker(
         cfg.tracking, run_dir, OmegaConf.to_container(cfg, resolve=True), info.is_main,
@@ -461,6 +466,7 @@ def rl_train(cfg: DictConfig) -> str:
                 cfg.checkpoint.keep_last, cfg.checkpoint.export_hf, None, tokenizer,
                 facts={"block_length": cfg.block_length, "chat_template": True, "task": "rl"},
                 fixed=fixed,
+                adapter_only=use_lora, export_state=merged_official_state if use_lora else None,
             )  # fmt: skip
             if info.is_main:
                 with open(os.path.join(path, "rl_metrics.json"), "w") as f:
