@@ -10,16 +10,20 @@ cd "$(dirname "$0")/.."
 RUNS=${RUNS:-runs/demo}
 EVAL_LIMIT=${EVAL_LIMIT:-200}
 export DS_ACCELERATOR=${DS_ACCELERATOR:-cpu} WANDB_MODE=${WANDB_MODE:-offline}
+# Each stage is evaluated on all 200 held-out questions at the end (step 5), so the per-save
+# background evaluation (on by default, 50 questions) is off here: it would only slow the run.
+NO_SAVE_EVAL=checkpoint.eval_every_saves=0
 latest() { python -c "from llada_train.checkpoint import resolve_model_dir as r; print(r('$1'))"; }
 
 echo "== 1/5 a fresh tiny model (the untrained baseline)"
 [ -f "$RUNS/init/config.json" ] || python -m llada_train.model.init model=tiny out="$RUNS/init"
 
 echo "== 2/5 continued pre-training (tiny, shipped corpus)"
-python -m llada_train.cpt +recipe=tiny output_dir="$RUNS/cpt" "$@"
+python -m llada_train.cpt +recipe=tiny output_dir="$RUNS/cpt" "$NO_SAVE_EVAL" "$@"
 
 echo "== 3/5 SFT from the CPT checkpoint (M2T + T2T corruption)"
-python -m llada_train.sft +recipe=tiny init_from="$(latest "$RUNS/cpt")" output_dir="$RUNS/sft" "$@"
+python -m llada_train.sft +recipe=tiny init_from="$(latest "$RUNS/cpt")" output_dir="$RUNS/sft" \
+  "$NO_SAVE_EVAL" "$@"
 
 echo "== 4/5 EBPO from the SFT checkpoint"
 python -m llada_train.rl conf=ebpo +recipe=tiny init_from="$(latest "$RUNS/sft")" output_dir="$RUNS/rl"

@@ -37,6 +37,7 @@ def train(out: str, steps: int | None, extra: list[str]) -> None:
     for name, corruption in VARIANTS.items():
         cmd = [sys.executable, "-m", "llada_train.sft", "+recipe=tiny", corruption,
                f"output_dir={out}/{name}", "tracking=disabled", "checkpoint.smoke_prompts=0",
+               "checkpoint.eval_every_saves=0",
                *([f"max_steps={steps}"] if steps else []), *extra]  # fmt: skip
         print("+", " ".join(cmd), flush=True)
         subprocess.run(cmd, check=True)
