@@ -190,6 +190,13 @@ def dry_run(cfg: DictConfig, task: str) -> None:
     print(f"active per token:  {active:,} ({active / 1e9:.2f}B)")
     k, e = config.num_experts_per_tok, config.num_experts
     print(f"layers {config.num_hidden_layers}, experts {e} top-{k}")
+    # Model states per replica in GB, before ZeRO partitioning and without activations: bf16
+    # weights (2 B) + bf16 grads (2 B) + fp32 master weights and Adam moments (12 B) per
+    # trained parameter; frozen (LoRA base) parameters hold only their bf16 weights.
+    trained = lora_parameter_count(config, cfg.lora) if cfg.lora.enabled else total
+    states = (2 * total + 14 * trained) / 1e9
+    print(f"model states (bf16 training, before ZeRO partitioning, no activations): "
+          f"{states:.1f} GB (full fine-tuning: {16 * total / 1e9:.1f} GB)")  # fmt: skip
     if cfg.lora.enabled:
         n = lora_parameter_count(config, cfg.lora)
         print(
