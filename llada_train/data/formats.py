@@ -151,9 +151,10 @@ def to_messages(
     chosen = detect_format(record, field) if fmt == "auto" else fmt
     if chosen is None:
         raise BadRecord(
-            f"{origin}: cannot tell the chat format from the keys {sorted(record)}; expected "
-            "'messages', 'conversations', 'instruction'+'output' or 'prompt'+'completion' "
-            "(or set data.format and data.field)"
+            f"{origin}: missing field '{field or 'messages'}' (a list of {{role, content}} "
+            f"messages), and no other chat format fits the keys {sorted(record)}: cannot tell "
+            "the chat format; expected 'messages', 'conversations', 'instruction'+'output' or "
+            "'prompt'+'completion' (or set data.format and data.field)"
         )
     if chosen in ("messages", "sharegpt"):
         messages = READERS[chosen](record, origin, field or READERS_DEFAULT_FIELD[chosen])
