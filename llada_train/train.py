@@ -81,7 +81,7 @@ from llada_train.losses import (
     micro_batch_loss,
 )
 from llada_train.masks import training_inputs
-from llada_train.model.attention import BACKENDS
+from llada_train.model.attention import BACKENDS, resolve_backend
 from llada_train.model.config import LLaDA2MoeConfig
 from llada_train.model.init import model_config_from_node
 from llada_train.model.init import resolve_tokenizer as resolve_tokenizer_spec
@@ -328,6 +328,7 @@ def train(cfg: DictConfig, task: str) -> str:
         examples, packing = choose_packing(
             chats, cfg.data.pack, cfg.data.max_length, cfg.block_length,
             cfg.global_batch_size, cfg.micro_batch_size, cfg.seed,
+            block_sparse=resolve_backend(cfg.attention_backend, info.device) == "flex",
         )  # fmt: skip
     else:
         examples, skipped = load_cpt_examples(cfg.data, tokenizer, ids)

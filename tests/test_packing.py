@@ -102,3 +102,6 @@ def test_auto_packs_long_tails_not_single_blocks():
     assert figures["packed"] == 1.0 and len(got) < len(tail)
     assert figures["forward_tokens_per_chat_packed"] < figures["forward_tokens_per_chat_plain"]
     assert choose_packing(tail, "never", 256, 32, 16, 8, 0)[0] is tail
+    # dense SDPA attention (the CPU default): auto does not pack, "always" still does
+    assert choose_packing(tail, "auto", 256, 32, 16, 8, 0, block_sparse=False)[0] is tail
+    assert len(choose_packing(tail, "always", 256, 32, 16, 8, 0, block_sparse=False)[0]) < 256

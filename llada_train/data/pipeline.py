@@ -287,14 +287,18 @@ def choose_packing(
     global_batch_size: int,
     micro_batch_size: int,
     seed: int,
+    block_sparse: bool = True,
 ) -> tuple[list[Example], dict[str, float]]:
     """The SFT examples to train on, packed or not, and the figures behind the choice.
 
-    mode "always" packs, "never" does not, "auto" packs iff the cost model (`forward_tokens`
-    per chat, over one pass) is at least 10% lower packed: short single-block chats are cheaper
-    alone (one block needs no clean copy, SPEC section 2), long-tailed lengths are cheaper
-    packed (no micro-batch padding to the longest chat). Note that `global_batch_size` then
-    counts packed sequences. Raises ValueError for an unknown mode.
+    mode "always" packs, "never" does not, "auto" packs iff the attention is block-sparse
+    (`block_sparse`: FlexAttention, where a document mask only skips tiles) and the cost model
+    (`forward_tokens` per chat, over one pass) is at least 10% lower packed: short single-block
+    chats are cheaper alone (one block needs no clean copy, SPEC section 2), long-tailed lengths
+    are cheaper packed (no micro-batch padding to the longest chat). With dense SDPA attention
+    (the CPU default) the per-batch document mask and the longer rows cost more than packing
+    saves (measured: `scripts/bench_packing.py`, README), so auto does not pack there. Note that
+    `global_batch_size` then counts packed sequences. Raises ValueError for an unknown mode.
     """
     if mode not in PACK:
         raise ValueError(f"data.pack must be one of {PACK}, got {mode!r}")
@@ -314,7 +318,8 @@ def choose_packing(
     chats_per_seq = len(examples) / len(packed)
     covered = len(packed) // global_batch_size * global_batch_size
     packed_per_chat = packed_cost / max(covered * chats_per_seq, 1)
-    use = mode == "always" or (covered > 0 and packed_per_chat <= 0.9 * plain_per_chat)
+    cheaper = covered > 0 and packed_per_chat <= 0.9 * plain_per_chat
+    use = mode == "always" or (block_sparse and cheaper)
     figures = {
         "packed": float(use),
         "chats_per_sequence": chats_per_seq,
