@@ -6,11 +6,17 @@ Contract:
 - Each component receives only its own sub-config (`cfg.corruption`, `cfg.optim`, ...).
 - `+recipe=NAME` selects `recipes/NAME.yaml`: every file there is registered here as an option of
   the `recipe` group in the global package, so recipes are deltas over the defaults.
+- String options are enums (`Choice`): a value outside the listed ones fails at composition
+  with Hydra's message naming the key and the valid values. The `sampler` node is the typed
+  `SamplerConfig` schema; `check_sampler` (called at launch, before any work) also checks its
+  ranges (e.g. `sampler.threshold=1.5`). `block_length` has one owner, the top-level key: the
+  training configs set `sampler.block_length: ${block_length}`.
 - The `model` node is validated by `LLaDA2MoeConfig.from_dict(strict=True)` (unknown keys fail).
 """
 
 from __future__ import annotations
 
+import enum
 import glob
 import os
 from dataclasses import dataclass, field
@@ -21,15 +27,69 @@ from omegaconf import MISSING, OmegaConf
 
 from llada_train import CONF_DIR, RECIPES_DIR, REPO_ROOT
 from llada_train.lora import LoraSettings
+from llada_train.sampler import SamplerConfig, sampler_config
 
 # ${repo:relative/path} -> an absolute path inside the repository (shipped data, tokenizer).
 if not OmegaConf.has_resolver("repo"):
     OmegaConf.register_new_resolver("repo", lambda p: os.path.join(REPO_ROOT, p))
 
 
+class Choice(str, enum.Enum):
+    """A string option: compares, hashes, prints and serialises as its value (the YAML text)."""
+
+    def __str__(self) -> str:
+        return self.value
+
+    def __format__(self, spec: str) -> str:
+        return format(self.value, spec)
+
+
+class DataKind(Choice):
+    sft = "sft"  # chat `messages`
+    cpt = "cpt"  # raw `text`, packed
+
+
+class OnBadRecord(Choice):
+    error = "error"
+    skip = "skip"  # skipped records are counted and reported
+
+
+class Weighting(Choice):
+    none = "none"  # the official code
+    inv_t = "inv_t"  # ELBO weight 1/t on the M2T terms
+
+
+class TrackingMode(Choice):
+    online = "online"
+    offline = "offline"
+    disabled = "disabled"
+
+
+class ExportDtype(Choice):
+    auto = "auto"  # the training dtype
+    float32 = "float32"
+    bfloat16 = "bfloat16"
+
+
+class Precision(Choice):
+    auto = "auto"  # bf16 on GPU, fp32 on CPU
+    bf16 = "bf16"
+    fp32 = "fp32"
+
+
+class ObjectiveName(Choice):
+    ebpo = "ebpo"
+    grpo = "grpo"  # baseline on the same sequence ratio
+
+
+class LevelWeights(Choice):
+    elbo = "elbo"  # w_n = 1 / (N t_n)
+    elbo_length = "elbo_length"  # ... / response length
+
+
 @dataclass
 class DataConfig:
-    kind: str = "sft"  # sft (chat `messages`) | cpt (raw `text`, packed)
+    kind: DataKind = DataKind.sft
     train_files: list[str] = field(default_factory=list)  # local jsonl / json / parquet
     hub_dataset: str | None = None  # a datasets hub name or a local dataset dir, instead of files
     hub_split: str = "train"
@@ -40,7 +100,7 @@ class DataConfig:
     pack: str = "auto"  # sft: several chats per sequence: always | never | auto (when cheaper)
     max_length: int = 256  # tokens per example (sft) or per packed sequence (cpt)
     pad_supervised: bool = True  # sft: the EOS padding after a response is maskable/supervised
-    on_bad_record: str = "error"  # error | skip (skipped records are counted and reported)
+    on_bad_record: OnBadRecord = OnBadRecord.error
     shuffle: bool = True
 
 
@@ -50,7 +110,7 @@ class CorruptionConfig:
     t_max: float = 0.8
     noise_max: float = 0.2  # T2T: fraction r ~ U[0, noise_max] of visible tokens substituted
     keep_share: float = 0.3  # share of unchanged visible tokens supervised to be kept
-    weighting: str = "none"  # none (official code) | inv_t (ELBO weight 1/t on M2T terms)
+    weighting: Weighting = Weighting.none
     mtf_fraction: float = 0.0  # multi-turn forward: share of masks filled by the model's draft
     complementary: bool = False  # pair every example with its complement mask
 
@@ -76,7 +136,7 @@ class DeepSpeedConfig:
 
 @dataclass
 class TrackingConfig:
-    mode: str = "offline"  # online | offline | disabled (W&B)
+    mode: TrackingMode = TrackingMode.offline  # W&B
     project: str = "llada_train"
     entity: str | None = None
     run_name: str | None = None
@@ -103,7 +163,7 @@ class CheckpointConfig:
     save_every: int = 50  # optimizer steps between saves (and at the last step)
     keep_last: int = 3
     export_hf: bool = True  # an HF-format (official names) export beside every DeepSpeed save
-    export_dtype: str = "auto"  # auto (the training dtype) | float32 | bfloat16
+    export_dtype: ExportDtype = ExportDtype.auto
     smoke_prompts: int = 2  # prompts decoded with the shared sampler at every save (0 = off)
     smoke_gen_length: int = 32
     eval_every_saves: int = 1  # lm-eval of every Nth saved checkpoint (0 = off)
@@ -130,13 +190,13 @@ class TrainConfig:
     moe: MoEConfig = field(default_factory=MoEConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     lora: LoraSettings = field(default_factory=LoraSettings)  # llada_train/lora.py
-    sampler: Any = None  # a conf/sampler node, for the smoke generation at each save
+    sampler: SamplerConfig = field(default_factory=SamplerConfig)  # smoke generation at saves
     block_length: int = 32
     micro_batch_size: int = 4
     global_batch_size: int = 8  # = micro_batch_size * accumulation_steps * world_size
     max_steps: int = 100
     seed: int = 0
-    precision: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | bf16 | fp32
+    precision: Precision = Precision.auto
     activation_checkpointing: bool = False
     attention_backend: str = "auto"  # auto (flex on CUDA, sdpa elsewhere) | sdpa | flex
     output_dir: str = "runs/default"
@@ -174,9 +234,9 @@ class RolloutConfig:
 class ObjectiveConfig:
     """The `conf` group (conf/rl/*.yaml): `python -m llada_train.rl conf=ebpo`."""
 
-    name: str = "ebpo"  # ebpo | grpo (baseline on the same sequence ratio)
+    name: ObjectiveName = ObjectiveName.ebpo
     num_levels: int = 2  # N noise levels of the block-level ELBO
-    level_weights: str = "elbo"  # elbo (w_n = 1 / (N t_n)) | elbo_length (/ response length)
+    level_weights: LevelWeights = LevelWeights.elbo
     stratified: bool = True
     eps_low: float = 0.2
     eps_high: float = 0.28
@@ -197,13 +257,13 @@ class RLConfig:
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     lora: LoraSettings = field(default_factory=LoraSettings)  # llada_train/lora.py
-    sampler: Any = None  # conf/sampler node: the base of rollout and held-out decoding
+    sampler: SamplerConfig = field(default_factory=SamplerConfig)  # rollout + held-out base
     block_length: int | None = None  # null = init_from's trained block length (else 32)
     micro_batch_size: int = 8  # sequences per forward in the ELBO passes
     max_steps: int = 20  # rollout batches
     eval_every: int = 5  # held-out reward every N rollout batches (and at the start and end)
     seed: int = 0
-    precision: str = "auto"
+    precision: Precision = Precision.auto
     activation_checkpointing: bool = False
     attention_backend: str = "auto"  # auto (flex on CUDA, sdpa elsewhere) | sdpa | flex
     output_dir: str = "runs/rl"
@@ -211,6 +271,92 @@ class RLConfig:
     resume_allow_changes: bool = False  # resume although data/batch/seed/model changed
     max_consecutive_nonfinite: int = 3  # stop after this many non-finite updates in a row
     progress: bool = True
+
+
+# ---------------------------------------------------------------------------- small commands
+class Device(Choice):
+    auto = "auto"  # cuda when available, else cpu
+    cpu = "cpu"
+    cuda = "cuda"
+
+
+class ModelDtype(Choice):
+    auto = "auto"  # bf16 on GPU, fp32 on CPU
+    float32 = "float32"
+    bfloat16 = "bfloat16"
+    float16 = "float16"
+
+
+class InitDtype(Choice):
+    float32 = "float32"
+    bfloat16 = "bfloat16"
+
+
+@dataclass
+class GenerateConfig:
+    """`python -m llada_train.generate` (conf/generate.yaml)."""
+
+    model_dir: str = (
+        MISSING  # an HF-format LLaDA2.x directory (config.json, safetensors, tokenizer)
+    )
+    tokenizer: str | None = None  # None = the tokenizer files inside model_dir
+    prompt: str = "What is 123 + 456?"
+    prompts: list[str] = field(default_factory=list)  # decoded as one batch (overrides prompt)
+    system: str | None = None  # optional system message
+    chat_template: bool | None = None  # null = as the model was trained; false = raw text
+    stream: bool = True  # print each finished block as it is decided (single prompt only)
+    device: Device = Device.auto
+    dtype: ModelDtype = ModelDtype.auto
+    sampler: SamplerConfig = field(default_factory=SamplerConfig)
+
+
+@dataclass
+class InitConfig:
+    """`python -m llada_train.model.init` (conf/init.yaml)."""
+
+    model: Any = MISSING  # a conf/model node; validated by LLaDA2MoeConfig
+    out: str = MISSING  # output directory
+    tokenizer: str | None = "default"  # default = shipped; a path; None = ids from the model node
+    seed: int = 0
+    dtype: InitDtype = InitDtype.float32  # dtype of the written weights
+    max_shard_gb: float = 2.0
+
+
+def register_schemas() -> None:
+    """Store every command's schema in Hydra's ConfigStore (`<command>_schema`)."""
+    cs = ConfigStore.instance()
+    cs.store(name="train_schema", node=TrainConfig)
+    cs.store(name="rl_schema", node=RLConfig)
+    cs.store(name="generate_schema", node=GenerateConfig)
+    cs.store(name="init_schema", node=InitConfig)
+
+
+def check_run(cfg: Any) -> SamplerConfig:
+    """The launch checks every training loop (SFT, CPT, RL) shares, before any work: attention
+    backend, `deepspeed.*`, `lora.*`, and the sampler (`check_sampler`, returned). ValueError
+    naming the key to change."""
+    from llada_train.distributed import check_deepspeed
+    from llada_train.lora import check_lora
+    from llada_train.model.attention import BACKENDS
+
+    if cfg.attention_backend not in BACKENDS:
+        raise ValueError(f"attention_backend={cfg.attention_backend!r}: choose one of {BACKENDS}")
+    check_deepspeed(cfg.deepspeed)
+    check_lora(cfg.lora, cfg.deepspeed.stage)
+    return check_sampler(cfg)
+
+
+def check_sampler(cfg: Any) -> SamplerConfig:
+    """The run's sampler settings, validated before any work (ValueError naming the key); in a
+    training config `sampler.block_length` must equal `block_length` (its one owner)."""
+    s_cfg = sampler_config(cfg.sampler)
+    if "block_length" in cfg and s_cfg.block_length != cfg.block_length:
+        raise ValueError(
+            f"sampler.block_length={s_cfg.block_length} differs from block_length="
+            f"{cfg.block_length}: a run decodes with the block length it trains; set block_length "
+            "only (sampler.block_length follows it)"
+        )
+    return s_cfg
 
 
 def register_configs(entry: str = "train") -> None:
@@ -222,9 +368,8 @@ def register_configs(entry: str = "train") -> None:
     the RL entry point reads `recipes/rl/*.yaml` only (its schema differs) and the `conf` group
     from `conf/rl/`.
     """
+    register_schemas()
     cs = ConfigStore.instance()
-    cs.store(name="train_schema", node=TrainConfig)
-    cs.store(name="rl_schema", node=RLConfig)
     nodes = {}
     folders = [os.path.join(RECIPES_DIR, entry)] if entry == "rl" else [RECIPES_DIR]
     if entry not in ("rl", "train"):

@@ -76,6 +76,24 @@ def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
+def all_reduce_sums(
+    sums: dict[str, float | torch.Tensor], device: torch.device
+) -> dict[str, torch.Tensor]:
+    """Sum named values over ranks in one collective; returns float64 tensors by name, each of
+    its value's shape. Every rank passes the same names (laid out in sorted order, so the
+    insertion order of the dict does not matter); a value is a number or a tensor of any shape.
+    A float32 value comes back exactly as a float32 all-reduce over two ranks would give it."""
+    names = sorted(sums)
+    values = [torch.as_tensor(sums[k], device=device).detach() for k in names]
+    flat = torch.cat([v.to(torch.float64).reshape(-1) for v in values])  # (sum of sizes,)
+    all_reduce_sum(flat)
+    out, start = {}, 0
+    for name, v in zip(names, values, strict=True):
+        out[name] = flat[start : start + v.numel()].view(v.shape)
+        start += v.numel()
+    return out
+
+
 def broadcast_buffers(model: torch.nn.Module, src: int = 0) -> None:
     """Copy every buffer of rank `src` to the other ranks (ZeRO-3 gathers parameters only, so
     buffers such as the router's expert bias, loaded on one rank, travel this way)."""
@@ -89,14 +107,6 @@ def barrier() -> None:
         dist.barrier()
 
 
-def broadcast_object(obj: Any, src: int = 0) -> Any:
-    if not (dist.is_initialized() and dist.get_world_size() > 1):
-        return obj
-    box = [obj]
-    dist.broadcast_object_list(box, src=src)
-    return box[0]
-
-
 def resolve_precision(precision: str, device: torch.device) -> str:
     """'auto' -> bf16 on CUDA, fp32 elsewhere."""
     if precision not in ("auto", "bf16", "fp32"):
@@ -104,6 +114,16 @@ def resolve_precision(precision: str, device: torch.device) -> str:
     if precision == "auto":
         return "bf16" if device.type == "cuda" else "fp32"
     return precision
+
+
+def check_deepspeed(ds_cfg) -> None:
+    """ValueError naming the `deepspeed.*` key to change (called at launch and here)."""
+    if ds_cfg.stage not in (0, 1, 2, 3):
+        raise ValueError(f"deepspeed.stage={ds_cfg.stage}: ZeRO stages are 0, 1, 2, 3")
+    if ds_cfg.offload_param and ds_cfg.stage != 3:
+        raise ValueError("deepspeed.offload_param needs deepspeed.stage=3")
+    if ds_cfg.offload_optimizer and ds_cfg.stage == 0:
+        raise ValueError("deepspeed.offload_optimizer needs deepspeed.stage >= 1")
 
 
 def deepspeed_config(
@@ -115,12 +135,7 @@ def deepspeed_config(
     precision: str,
 ) -> dict[str, Any]:
     """The DeepSpeed json for our run; `ds_cfg.overrides` is merged last (nested dicts merged)."""
-    if ds_cfg.stage not in (0, 1, 2, 3):
-        raise ValueError(f"deepspeed.stage={ds_cfg.stage}: ZeRO stages are 0, 1, 2, 3")
-    if ds_cfg.offload_param and ds_cfg.stage != 3:
-        raise ValueError("deepspeed.offload_param needs deepspeed.stage=3")
-    if ds_cfg.offload_optimizer and ds_cfg.stage == 0:
-        raise ValueError("deepspeed.offload_optimizer needs deepspeed.stage >= 1")
+    check_deepspeed(ds_cfg)
     zero: dict[str, Any] = {"stage": ds_cfg.stage}
     if ds_cfg.stage >= 2:
         zero.update(overlap_comm=False, contiguous_gradients=True, reduce_scatter=True)

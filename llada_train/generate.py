@@ -15,46 +15,23 @@ import sys
 
 import hydra
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from llada_train import CONF_DIR
+from llada_train.config import register_schemas
 from llada_train.errors import user_errors
 from llada_train.model.config import LLaDA2MoeConfig
 from llada_train.model.io import check_checkpoint, from_pretrained, resolve_dtype, training_default
-from llada_train.sampler import Sampler, SamplerConfig
-from llada_train.tokenizer import encode_chat, encode_text, load_tokenizer, special_ids
-
-
-def sampler_config(node, model_dir: str | None = None) -> SamplerConfig:
-    """A conf/sampler node -> SamplerConfig (unknown keys fail with the valid ones listed).
-    `block_length: null` takes the block length the model in `model_dir` was trained with (its
-    `llada_train.json`), else 32; an explicit other value warns."""
-    knobs = OmegaConf.to_container(node, resolve=True) if not isinstance(node, dict) else node
-    knobs = dict(knobs)
-    knobs["block_length"] = training_default(
-        "block_length", knobs.get("block_length"), model_dir, SamplerConfig.block_length
-    )
-    return SamplerConfig().replace(**knobs)
-
-
-def encode_prompt(tokenizer, text: str, system: str | None, chat_template: bool) -> list[int]:
-    """Prompt ids of a user text: special-token strings in `text` and `system` stay text; with
-    `chat_template` the template around them supplies the only control ids."""
-    if not chat_template:
-        return encode_text(tokenizer, text)
-    messages = ([{"role": "system", "content": system}] if system else []) + [
-        {"role": "user", "content": text}
-    ]
-    return encode_chat(tokenizer, messages, add_generation_prompt=True)
+from llada_train.sampler import Sampler, sampler_config
+from llada_train.tokenizer import encode_prompt, resolve_tokenizer, special_ids
 
 
 def generate(cfg: DictConfig) -> list[str]:
     """Decode `prompt` (or `prompts`) with the model of `model_dir`; returns the answers.
     Bad input (an empty prompt, one longer than the model's positions, broken weight or
     tokenizer files) fails with a ValueError before the weights are loaded."""
-    device = torch.device(
-        ("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device
-    )
+    auto = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(auto if cfg.device == "auto" else str(cfg.device))
     texts = list(cfg.prompts) or [cfg.prompt]
     for i, text in enumerate(texts):
         if not isinstance(text, str) or not text.strip():
@@ -64,7 +41,7 @@ def generate(cfg: DictConfig) -> list[str]:
             )
     config = LLaDA2MoeConfig.from_json(cfg.model_dir)
     check_checkpoint(cfg.model_dir, config)
-    tokenizer = load_tokenizer(cfg.tokenizer or cfg.model_dir)
+    tokenizer = resolve_tokenizer(cfg.tokenizer, cfg.model_dir)
     ids = special_ids(tokenizer)
     chat = training_default("chat_template", cfg.chat_template, cfg.model_dir, True)
     prompts = [encode_prompt(tokenizer, t, cfg.system, chat) for t in texts]
@@ -98,6 +75,9 @@ def generate(cfg: DictConfig) -> list[str]:
         file=sys.stderr,
     )
     return answers
+
+
+register_schemas()
 
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="generate")

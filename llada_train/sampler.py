@@ -62,6 +62,7 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+import os
 import time
 import warnings
 from collections.abc import Callable, Sequence
@@ -69,22 +70,40 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import torch
+import yaml
 
+from llada_train import CONF_DIR
 from llada_train.masks import AttentionMask, decode_mask
 from llada_train.model.modeling import PrefixKVCache
 
-# (threshold, editing_threshold, max_post_steps) of the LLaDA2.1 report's two modes.
-PRESETS: dict[str, tuple[float, float, int]] = {"speed": (0.5, 0.0, 16), "quality": (0.7, 0.5, 16)}
+PRESETS_DIR = os.path.join(CONF_DIR, "sampler")  # one YAML per preset: the only definition
+
+
+def _load_presets() -> dict[str, tuple[float, float | None, int]]:
+    """(threshold, editing_threshold, max_post_steps) of each preset file (the LLaDA2.1 report's
+    Speed and Quality modes), read once at import; the files also restate the other knobs."""
+    presets = {}
+    for name in sorted(os.listdir(PRESETS_DIR)):
+        if name.endswith(".yaml"):
+            with open(os.path.join(PRESETS_DIR, name)) as f:
+                values = yaml.safe_load(f)
+            presets[name[: -len(".yaml")]] = (
+                values["threshold"], values["editing_threshold"], values["max_post_steps"]
+            )  # fmt: skip
+    return presets
+
+
+PRESETS: dict[str, tuple[float, float | None, int]] = _load_presets()
 
 
 @dataclass
 class SamplerConfig:
     """Knobs of joint threshold decoding; the defaults are the Speed (S) preset."""
 
-    threshold: float = 0.5  # M2T: a masked position is set when conf > threshold
-    editing_threshold: float | None = 0.0  # T2T: a visible one when conf > this; None = off
-    max_post_steps: int = 16  # iterations allowed once a block has no mask
-    block_length: int = 32
+    threshold: float = PRESETS["speed"][0]  # M2T: a masked position is set when conf > threshold
+    editing_threshold: float | None = PRESETS["speed"][1]  # T2T: a visible one when conf > this
+    max_post_steps: int = PRESETS["speed"][2]  # iterations allowed once a block has no mask
+    block_length: int | None = 32  # null only in a config node: `sampler_config` resolves it
     gen_length: int = 256
     temperature: float = 0.0  # 0 = argmax
     top_k: int | None = None
@@ -126,7 +145,7 @@ class SamplerConfig:
             raise bad("editing_threshold", "must be in [0, 1] or null (no T2T editing)")
         if self.max_post_steps < 0:
             raise bad("max_post_steps", f"must be >= 0, got {self.max_post_steps}")
-        if self.block_length < 1:
+        if self.block_length is None or self.block_length < 1:
             raise bad("block_length", f"must be >= 1, got {self.block_length}")
         if self.gen_length < 1:
             raise bad("gen_length", f"must be >= 1, got {self.gen_length}")
@@ -148,6 +167,24 @@ class SamplerConfig:
                 "multi_block_editing has no effect with editing_threshold=None (no T2T rule)",
                 stacklevel=3,
             )
+
+
+def sampler_config(node: Any, model_dir: str | None = None) -> SamplerConfig:
+    """A `sampler` config node (DictConfig or dict) -> a validated SamplerConfig: an unknown key
+    fails with the valid ones listed, a bad value with the key named (`validate`).
+    `block_length: null` takes the block length the model in `model_dir` was trained with (its
+    `llada_train.json`, `model.io.training_default`), else 32; an explicit other value warns."""
+    from llada_train.model.io import training_default
+
+    if not isinstance(node, dict):
+        from omegaconf import OmegaConf  # a DictConfig; the library itself needs no Hydra
+
+        node = OmegaConf.to_container(node, resolve=True)
+    knobs = dict(node)
+    knobs["block_length"] = training_default(
+        "block_length", knobs.get("block_length"), model_dir, SamplerConfig.block_length
+    )
+    return SamplerConfig().replace(**knobs)
 
 
 @dataclass

@@ -23,6 +23,8 @@ Contract:
   pieces with their control ids and every message content with `encode_text`. For contents
   that sit between control tokens (our template and the LLaDA2 one) this gives the same ids as
   encoding the rendered string when the contents hold no special-token string.
+- `encode_prompt` (over `prompt_messages`) is the one place a user prompt is put into the chat
+  template: the chat CLI, RL prompts and evaluation requests.
 - `special_ids(tokenizer)` reads the mask / EOS / pad ids from any tokenizer that has a `<|mask|>`
   token (ours or the official LLaDA2 one: mask 156895, EOS = pad 156892). Library code gets ids
   from here and never hard-codes them.
@@ -279,6 +281,34 @@ def special_ids(tokenizer: PreTrainedTokenizerBase) -> SpecialIds:
     pad_id = eos_id if tokenizer.pad_token_id is None else int(tokenizer.pad_token_id)
     all_special = tuple(sorted({*tokenizer.all_special_ids, int(mask_id), eos_id, pad_id}))
     return SpecialIds(mask_id=int(mask_id), eos_id=eos_id, pad_id=pad_id, all_special=all_special)
+
+
+def prompt_messages(text: str, system: str | None = None) -> list[dict[str, str]]:
+    """`text` as one user turn, after an optional system message."""
+    return ([{"role": "system", "content": system}] if system else []) + [
+        {"role": "user", "content": text}
+    ]
+
+
+def encode_prompt(
+    tokenizer: PreTrainedTokenizerBase, text: str, system: str | None, chat_template: bool
+) -> list[int]:
+    """Prompt ids of a user text: with `chat_template`, one user turn (`prompt_messages`) and the
+    generation prompt, encoded by `encode_chat` (the template supplies the only control ids);
+    else the raw text (`encode_text`). Special-token strings in `text` and `system` stay text.
+    The one place a prompt is put into the template: chat CLI, RL prompts, evaluation."""
+    if not chat_template:
+        return encode_text(tokenizer, text)
+    return encode_chat(tokenizer, prompt_messages(text, system), add_generation_prompt=True)
+
+
+def resolve_tokenizer(spec: str | None, model_dir: str | None = None):
+    """The tokenizer a config names: 'default' -> the shipped one (`data/tokenizer`); a path ->
+    that tokenizer; None -> the tokenizer inside `model_dir` (a model directory), or None when
+    no `model_dir` is given either (the model config then supplies the special ids)."""
+    if spec is None:
+        return load_tokenizer(model_dir) if model_dir else None
+    return load_tokenizer(llada_train.DEFAULT_TOKENIZER_DIR if spec == "default" else spec)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -47,7 +47,7 @@ class Tracker:
                 entity=cfg.entity,
                 name=cfg.run_name or os.path.basename(os.path.abspath(run_dir)),
                 dir=run_dir,
-                mode=cfg.mode,
+                mode=str(cfg.mode),
                 config=config_dict,
                 job_type=job_type,
                 resume="allow",

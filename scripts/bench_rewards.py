@@ -13,7 +13,7 @@ import os
 import statistics
 import time
 
-from llada_train.data.generate import code_tasks
+from llada_train.data.synthetic import code_tasks
 from llada_train.rl.rewards import score_batch
 
 

@@ -7,7 +7,7 @@ that the tasks reading those formats run offline and a user's full benchmark fil
                                      eval/data/arith_gen.jsonl
 
 Deterministic (the same inputs give byte-identical files); run after
-`python -m llada_train.data.generate`:
+`python -m llada_train.data.synthetic`:
 
     python scripts/benchmark_format_data.py
 """
@@ -19,7 +19,7 @@ import os
 import re
 
 from llada_train import REPO_ROOT
-from llada_train.data.generate import reference_solutions
+from llada_train.data.synthetic import reference_solutions
 
 EVAL_DATA = os.path.join(REPO_ROOT, "eval", "data")
 

@@ -23,11 +23,10 @@ import sys
 
 from llada_train import REPO_ROOT
 from llada_train.checkpoint import resolve_model_dir
-from llada_train.generate import encode_prompt
 from llada_train.model.io import from_pretrained
 from llada_train.rl.rewards import math_reward
 from llada_train.sampler import Sampler, SamplerConfig
-from llada_train.tokenizer import load_tokenizer, special_ids
+from llada_train.tokenizer import encode_prompt, load_tokenizer, special_ids
 
 VARIANTS = {"mask_only": "corruption=mask_only", "mask_noise": "corruption=sft"}
 THRESHOLDS = [0.95, 0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3]

@@ -11,7 +11,7 @@ import re
 import pytest
 
 import llada_train
-from llada_train.data import generate
+from llada_train.data import synthetic as generate
 
 SHIPPED_DIR = os.path.join(llada_train.DATA_DIR, "shipped")
 EVAL_DIR = os.path.join(llada_train.REPO_ROOT, "eval", "data")
@@ -136,14 +136,14 @@ def test_same_seed_same_bytes_other_seed_other_files(gen_root):
 
 
 def test_shipped_files_are_current(gen_root):
-    # The committed files are what `python -m llada_train.data.generate` writes (seed 0).
+    # The committed files are what `python -m llada_train.data.synthetic` writes (seed 0).
     paths = _paths(gen_root["a"])
     shipped_paths = {n: os.path.join(SHIPPED_DIR, n) for n in SHIPPED_FILES} | {
         n: os.path.join(EVAL_DIR, n) for n in EVAL_FILES
     }
     for name, path in paths.items():
         with open(path, "rb") as f, open(shipped_paths[name], "rb") as g:
-            assert f.read() == g.read(), f"{name}: run `python -m llada_train.data.generate`"
+            assert f.read() == g.read(), f"{name}: run `python -m llada_train.data.synthetic`"
 
 
 def test_sizes_and_schemas(shipped):

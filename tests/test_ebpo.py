@@ -9,27 +9,18 @@ import math
 
 import pytest
 import torch
+from rl_reference import advantage_stats, response_mask_from_eos, reward_stats, sequence_elbo
 
-from llada_train.rl.advantages import (
-    advantage_stats,
-    group_advantages,
-    reward_stats,
-    zero_variance_fraction,
-)
-from llada_train.rl.objectives import (
-    OBJECTIVES,
+from llada_train.elbo import (
     block_log_probs,
-    ebpo_loss,
     elbo_noise,
     elbo_terms,
-    grpo_loss,
-    k3_kl,
     level_weights,
-    response_mask_from_eos,
-    sequence_elbo,
     sequence_log_ratio,
     stack_t,
 )
+from llada_train.rl.advantages import group_advantages, zero_variance_fraction
+from llada_train.rl.objectives import OBJECTIVES, ebpo_loss, grpo_loss, k3_kl
 
 MASK, EOS = 95, 94  # tiny vocabulary of 96 (conftest.tiny_config); real tokens are < 90
 BLOCK = 8

@@ -10,7 +10,7 @@ import threading
 import pytest
 
 import llada_train
-from llada_train.data.generate import reference_solutions
+from llada_train.data.synthetic import reference_solutions
 from llada_train.rl import rewards
 from llada_train.rl.rewards import (
     REWARDS,

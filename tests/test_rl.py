@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -99,3 +100,20 @@ def test_bad_config_is_explained(policy_dir, tmp_path):
         capture_output=True, text=True, env=ENV, timeout=300,
     )  # fmt: skip
     assert proc.returncode != 0 and "not a model directory" in proc.stderr
+
+
+def test_checkpoint_options_are_honoured(policy_dir, tmp_path):
+    """The RL loop saves through the same run set-up as SFT/CPT: export dtype, smoke generation
+    and log_every mean the same here."""
+    out = tmp_path / "rl"
+    run_rl(
+        out, policy_dir, "checkpoint.save_every=2", "checkpoint.export_dtype=bfloat16",
+        "checkpoint.smoke_prompts=1", "checkpoint.smoke_gen_length=8", "tracking.log_every=2",
+        "rollout.gen_length=8", "eval_every=100",
+    )  # fmt: skip
+    assert [m["step"] for m in read_metrics(out) if "reward/mean" in m] == [2]  # step 1 not logged
+    (ckpt,) = [path for _, path in complete_checkpoints(os.path.join(out, "checkpoints"))]
+    with open(os.path.join(ckpt, "smoke_generation.json")) as f:
+        assert len(json.load(f)["samples"]) == 1
+    with open(os.path.join(ckpt, "hf", "config.json")) as f:
+        assert json.load(f)["torch_dtype"] == "bfloat16"

@@ -21,7 +21,6 @@ from omegaconf import OmegaConf
 from omegaconf.errors import ConfigKeyError
 
 from llada_train import CONF_DIR
-from llada_train.generate import sampler_config
 from llada_train.model.modeling import LLaDA2MoeModelLM
 from llada_train.sampler import (
     PRESETS,
@@ -29,6 +28,7 @@ from llada_train.sampler import (
     SamplerConfig,
     joint_threshold_step,
     sample_candidates,
+    sampler_config,
 )
 from tests.conftest import tiny_config
 

@@ -13,11 +13,11 @@ import torch
 import llada_train
 from llada_train.data.pipeline import build_sft_example, load_cpt_examples
 from llada_train.eval.lm import LLaDALM
-from llada_train.generate import encode_prompt
 from llada_train.model.modeling import LLaDA2MoeModelLM
 from llada_train.tokenizer import (
     SPECIAL_TOKENS,
     encode_chat,
+    encode_prompt,
     encode_text,
     load_tokenizer,
     special_ids,

@@ -14,7 +14,6 @@ import torch
 from llada_train.eval.config import as_eval_config
 from llada_train.eval.evaluate import make_lm
 from llada_train.eval.lm import LLaDALM
-from llada_train.generate import sampler_config
 from llada_train.model.io import (
     TRAINING_FACTS,
     load_training_facts,
@@ -23,6 +22,7 @@ from llada_train.model.io import (
     training_default,
 )
 from llada_train.model.modeling import LLaDA2MoeModelLM
+from llada_train.sampler import sampler_config
 from llada_train.tokenizer import load_tokenizer, special_ids
 from tests.conftest import tiny_config
 

@@ -3,21 +3,20 @@
 Contract: `EvalConfig` lists every key of `python -m llada_train.eval` (a typo fails at launch);
 `register_eval_schema()` stores it as `eval_schema` in Hydra's ConfigStore;
 `as_eval_config(node)` turns a partial dict / DictConfig (e.g. from a training loop, which cannot
-compose a second Hydra config inside its own) into a complete validated DictConfig, filling
-`sampler` with the Speed preset when it is missing.
+compose a second Hydra config inside its own) into a complete validated DictConfig; a missing
+`sampler` is the Speed preset (the `SamplerConfig` defaults).
 """
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 
-from llada_train.config import TrackingConfig
-from llada_train.sampler import SamplerConfig
+from llada_train.config import ModelDtype, TrackingConfig
+from llada_train.sampler import SamplerConfig, sampler_config
 
 DEFAULT_TASKS = ["llada_arith_gen", "llada_arith_mc", "llada_code"]
 
@@ -47,11 +46,11 @@ class EvalConfig:
     system: str | None = None
     seed: int = 1234  # mask draws of the ELBO, sampling, lm-eval's few-shot and python seeds
     device: str = "auto"
-    dtype: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | float32 | bfloat16
+    dtype: ModelDtype = ModelDtype.auto
     bootstrap_iters: int = 1000  # lm-eval stderr bootstrap (0 = off)
     confirm_run_unsafe_code: bool = False  # lm-eval's gate for tasks such as humaneval
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
-    sampler: Any = None  # a conf/sampler node (every SamplerConfig field)
+    sampler: SamplerConfig = field(default_factory=SamplerConfig)  # a conf/sampler node
 
 
 def register_eval_schema() -> None:
@@ -61,11 +60,8 @@ def register_eval_schema() -> None:
 def as_eval_config(node: DictConfig | dict | None = None) -> DictConfig:
     """A complete, validated eval config from a partial one (unknown keys raise)."""
     cfg = OmegaConf.structured(EvalConfig)
+    cfg.sampler.block_length = None  # by default the block length the model was trained with
     if node is not None:
         cfg = OmegaConf.merge(cfg, node)
-    if cfg.sampler is None:
-        cfg.sampler = {
-            **dataclasses.asdict(SamplerConfig.from_preset("speed")),
-            "block_length": None,
-        }
+    sampler_config(cfg.sampler)  # ranges checked before any work
     return cfg

@@ -35,8 +35,8 @@ from llada_train import REPO_ROOT
 from llada_train.checkpoint import COMPLETE
 from llada_train.config import TrackingConfig
 from llada_train.eval.config import as_eval_config
-from llada_train.generate import sampler_config
 from llada_train.model.io import training_default
+from llada_train.sampler import sampler_config
 
 logger = logging.getLogger(__name__)
 

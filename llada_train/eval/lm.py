@@ -84,16 +84,23 @@ import torch
 from lm_eval.api.model import LM
 from lm_eval.api.registry import register_model
 
+from llada_train.elbo import masked_log_probs
 from llada_train.masks import training_inputs
 from llada_train.sampler import PRESETS, Sampler, SamplerConfig, SampleStats
-from llada_train.tokenizer import encode_chat, encode_text, load_tokenizer, special_ids
+from llada_train.tokenizer import (
+    encode_chat,
+    encode_prompt,
+    encode_text,
+    load_tokenizer,
+    special_ids,
+)
 
 logger = logging.getLogger(__name__)
 
 # Sampler knobs accepted as model_args (gen_length is the request's max_gen_toks instead).
 SAMPLER_KNOBS = tuple(f.name for f in dataclasses.fields(SamplerConfig) if f.name != "gen_length")
 DEFAULT_MAX_LENGTH = 4096  # context cap when the config allows more: the 2L layout is quadratic
-LOGITS_BUDGET = 1 << 27  # fp32 logit entries per ELBO forward (512 MiB; log_softmax doubles it)
+LOGITS_BUDGET = 1 << 27  # fp32 logit entries per ELBO forward (512 MiB)
 _GEN_KEYS = {"until", "max_gen_toks", "do_sample", "temperature", "top_p", "top_k"}
 
 
@@ -317,9 +324,7 @@ class LLaDALM(LM):
                 return ids + self._encode(context[len(rendered) :]), True
         if not self.use_chat_template:
             return self._encode(context), False
-        messages = [{"role": "system", "content": self.system}] if self.system else []
-        messages.append({"role": "user", "content": context})
-        return encode_chat(self.tokenizer, messages, add_generation_prompt=True), True
+        return encode_prompt(self.tokenizer, context, self.system, chat_template=True), True
 
     def _encode(self, text: str) -> list[int]:
         return encode_text(self.tokenizer, text) if text else []
@@ -551,12 +556,14 @@ class LLaDALM(LM):
             )  # (B, span, V) of the noisy copy
             self._ll_forwards += 1
             self._ll_rows += x0.shape[0]
-            logits[..., self.mask_id] = float("-inf")  # never a prediction, as in the sampler
-            target = x0[:, lo:]
-            logp = logits.log_softmax(-1).gather(-1, target[..., None]).squeeze(-1)  # (B, span)
-            scored = masked[:, lo:]
-            sums = (logp.double() * scored).sum(1).cpu()  # (B,)
-            hits = ((logits.argmax(-1) == target) | ~scored).all(1).cpu()  # (B,)
+            # log p of the masked rows only, renormalised without the mask token (as the sampler)
+            (row, _), logp, is_argmax = masked_log_probs(
+                logits, x0[:, lo:], masked[:, lo:], exclude_id=self.mask_id
+            )  # (M,) each
+            sums = torch.zeros(x0.shape[0], dtype=torch.float64, device=logp.device)  # (B,)
+            sums = sums.index_add(0, row, logp.double()).cpu()
+            hits = torch.ones(x0.shape[0], dtype=torch.bool, device=logp.device)  # (B,)
+            hits = hits.index_put((row[~is_argmax],), torch.tensor(False, device=hits.device)).cpu()
             for j, row in enumerate(range(start, start + x0.shape[0])):
                 owner = owners[row]
                 if is_greedy_row[row]:

@@ -3,7 +3,7 @@
 The directory is a complete HF-format checkpoint in the official layout (config.json, sharded
 safetensors, index, tokenizer files), the starting point of CPT from scratch and of tests.
 Special ids (mask, EOS, pad) come from the tokenizer when one is given, else from the model
-config; the config's vocab_size must cover the tokenizer.
+config; the config's vocab_size must cover the tokenizer (`llada_train.model.build`).
 """
 
 from __future__ import annotations
@@ -12,45 +12,21 @@ import os
 
 import hydra
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
-from llada_train import CONF_DIR, DEFAULT_TOKENIZER_DIR
+from llada_train import CONF_DIR
+from llada_train.config import register_schemas
 from llada_train.errors import user_errors
-from llada_train.model.config import LLaDA2MoeConfig
+from llada_train.model.build import model_config_from_node
 from llada_train.model.io import save_pretrained
 from llada_train.model.modeling import LLaDA2MoeModelLM
+from llada_train.tokenizer import resolve_tokenizer
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
-
-
-def model_config_from_node(node: DictConfig, tokenizer=None) -> LLaDA2MoeConfig:
-    """A Hydra `model` node (strict: unknown keys are typos) + optional tokenizer -> config."""
-    d = OmegaConf.to_container(node, resolve=True)
-    if tokenizer is not None:
-        from llada_train.tokenizer import special_ids
-
-        ids = special_ids(tokenizer)
-        if len(tokenizer) > d["vocab_size"]:
-            raise ValueError(
-                f"model.vocab_size={d['vocab_size']} is smaller than the tokenizer "
-                f"({len(tokenizer)} tokens); raise model.vocab_size"
-            )
-        d.update(eos_token_id=ids.eos_id, pad_token_id=ids.pad_id, mask_token_id=ids.mask_id)
-    return LLaDA2MoeConfig.from_dict(d, strict=True)
-
-
-def resolve_tokenizer(spec: str | None):
-    """'default' -> the shipped tokenizer; a path -> that tokenizer; None -> no tokenizer."""
-    if spec is None:
-        return None
-    from llada_train.tokenizer import load_tokenizer
-
-    return load_tokenizer(DEFAULT_TOKENIZER_DIR if spec == "default" else spec)
+register_schemas()
 
 
 def init_model_dir(cfg: DictConfig) -> str:
-    if cfg.dtype not in _DTYPES:
-        raise ValueError(f"dtype={cfg.dtype!r}: choose one of {sorted(_DTYPES)}")
     tokenizer = resolve_tokenizer(cfg.tokenizer)
     config = model_config_from_node(cfg.model, tokenizer)
     torch.manual_seed(cfg.seed)

@@ -1,4 +1,4 @@
-"""Group-relative advantages and reward statistics of EBPO (SPEC section 5).
+"""Group-relative advantages of EBPO and the share of groups without signal (SPEC section 5).
 
 Legend:
     P, G      number of prompts, responses per prompt (the group size)
@@ -62,35 +62,3 @@ def zero_variance_fraction(rewards: torch.Tensor, group_size: int | None = None)
     if r.shape[0] == 0:
         return 0.0
     return float((r == r[:, :1]).all(dim=1).double().mean())
-
-
-def reward_stats(rewards: torch.Tensor, group_size: int | None = None) -> dict[str, float]:
-    """reward/mean, reward/std (population, whole batch), reward/min, reward/max,
-    reward/zero_variance_fraction, reward/any_positive_fraction (groups with a reward > 0: the
-    share of prompts solved at least once, a pass@G for 0/1 rewards)."""
-    r = as_groups(rewards, group_size).double()  # (P, G)
-    if r.numel() == 0:
-        return {}
-    return {
-        "reward/mean": float(r.mean()),
-        "reward/std": float(r.std(unbiased=False)),
-        "reward/min": float(r.min()),
-        "reward/max": float(r.max()),
-        "reward/zero_variance_fraction": zero_variance_fraction(r),
-        "reward/any_positive_fraction": float((r > 0).any(dim=1).double().mean()),
-    }
-
-
-def advantage_stats(advantages: torch.Tensor) -> dict[str, float]:
-    """advantage/mean, advantage/std (population), advantage/min, advantage/max,
-    advantage/nonzero_fraction (share of responses that carry a learning signal)."""
-    a = advantages.detach().double().reshape(-1)
-    if a.numel() == 0:
-        return {}
-    return {
-        "advantage/mean": float(a.mean()),
-        "advantage/std": float(a.std(unbiased=False)),
-        "advantage/min": float(a.min()),
-        "advantage/max": float(a.max()),
-        "advantage/nonzero_fraction": float((a != 0).double().mean()),
-    }

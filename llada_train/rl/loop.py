@@ -22,49 +22,28 @@ import os
 import time
 
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 from tqdm import tqdm
 
-from llada_train.checkpoint import (
-    check_resume_keys,
-    load_checkpoint,
-    remove_partials,
-    resolve_model_dir,
-    resolve_resume,
-    save_checkpoint,
-)
+from llada_train.checkpoint import resolve_model_dir
+from llada_train.config import check_run
 from llada_train.corruption import example_seed
 from llada_train.data.pipeline import epoch_order
 from llada_train.distributed import (
     all_reduce_sum,
-    barrier,
-    create_engine,
-    deepspeed_config,
-    inference_model,
-    init_distributed,
-    reset_schedule,
-    resolve_precision,
+    all_reduce_sums,
+    world_size_from_env,
 )
-from llada_train.errors import check_known_keys, check_writable
-from llada_train.generate import encode_prompt, sampler_config
-from llada_train.lora import apply_lora, check_lora, merged_official_state
+from llada_train.elbo import elbo_noise, elbo_terms, level_weights, sequence_log_ratio, stack_t
+from llada_train.errors import check_known_keys
 from llada_train.losses import micro_batch_loss
-from llada_train.model.attention import BACKENDS
-from llada_train.model.config import LLaDA2MoeConfig
-from llada_train.model.io import check_checkpoint, training_default
+from llada_train.model.io import training_default
 from llada_train.rl.advantages import group_advantages, zero_variance_fraction
-from llada_train.rl.objectives import (
-    OBJECTIVES,
-    elbo_noise,
-    elbo_terms,
-    level_weights,
-    sequence_log_ratio,
-)
+from llada_train.rl.objectives import OBJECTIVES, loss_count
 from llada_train.rl.rewards import score_batch
+from llada_train.run import decoding, open_run
 from llada_train.sampler import Sampler
-from llada_train.tokenizer import load_tokenizer, special_ids
-from llada_train.tracking import Tracker
-from llada_train.train import build_model, stop_on_nonfinite
+from llada_train.tokenizer import encode_prompt
 
 
 # ---------------------------------------------------------------------------- data
@@ -182,9 +161,6 @@ def held_out_reward(
 # ---------------------------------------------------------------------------- the loop
 def check_rl_config(cfg: DictConfig, world_size: int) -> tuple[int, int]:
     """(prompts per rank, accumulation steps), or a ValueError saying what to change."""
-    if cfg.attention_backend not in BACKENDS:
-        raise ValueError(f"attention_backend={cfg.attention_backend!r}: choose one of {BACKENDS}")
-    check_lora(cfg.lora, cfg.deepspeed.stage)
     r = cfg.rollout
     if r.prompts_per_step % world_size:
         raise ValueError(
@@ -202,12 +178,11 @@ def check_rl_config(cfg: DictConfig, world_size: int) -> tuple[int, int]:
         raise ValueError(
             "rollout.temperature must be > 0: a group of identical greedy answers has no signal"
         )
-    if cfg.conf.name not in OBJECTIVES:
-        raise ValueError(f"conf.name={cfg.conf.name!r}: choose one of {sorted(OBJECTIVES)}")
     if cfg.conf.kl_coef > 0 and cfg.deepspeed.stage == 3:
         raise ValueError(
             "conf.kl_coef > 0 keeps a full reference copy; not supported with ZeRO-3 yet"
         )
+    check_run(cfg)
     return per_rank, sequences // cfg.micro_batch_size
 
 
@@ -218,93 +193,55 @@ def rl_train(cfg: DictConfig) -> str:
     check_known_keys(cfg)
     cfg.init_from = resolve_model_dir(cfg.init_from)
     cfg.block_length = training_default("block_length", cfg.block_length, cfg.init_from, 32)
-    run_dir = os.path.abspath(cfg.output_dir)
-    ckpt_root = os.path.join(run_dir, "checkpoints")
-    check_writable(ckpt_root, "checkpoint directory")  # at launch, not at the first save
-    info = init_distributed()
-    per_rank, accumulation = check_rl_config(cfg, info.world_size)
-    tokenizer = load_tokenizer(cfg.tokenizer or cfg.init_from)
-    ids = special_ids(tokenizer)
-    config = LLaDA2MoeConfig.from_json(cfg.init_from)
-    check_checkpoint(cfg.init_from, config)  # whole shards, names and shapes
-    max_positions = config.max_position_embeddings
+    per_rank, accumulation = check_rl_config(cfg, world_size_from_env())
+    run = open_run(
+        cfg, "rl", {"global_batch": [cfg.rollout.prompts_per_step, cfg.rollout.group_size]}
+    )
+    info, tokenizer, ids = run.info, run.tokenizer, run.ids
+    max_positions = run.model_config.max_position_embeddings
     train_records = load_prompts(cfg.data.train_files, cfg, tokenizer, None, max_positions)
     eval_records = (
         load_prompts(cfg.data.eval_files, cfg, tokenizer, cfg.data.num_eval_prompts, max_positions)
         if cfg.data.eval_files
         else []
     )
-    precision = resolve_precision(cfg.precision, info.device)
-    fixed = {  # what a resumed run must share with its checkpoint (COMPLETE.json "fixed")
-        "data": OmegaConf.to_container(cfg.data, resolve=True),
-        "global_batch": [cfg.rollout.prompts_per_step, cfg.rollout.group_size],
-        "seed": cfg.seed,
-        "model": config.to_dict(),
-    }
-    if info.is_main:
-        remove_partials(ckpt_root)
-    barrier()
-    resume_path = resolve_resume(cfg.resume, ckpt_root)
-    if resume_path:
-        check_resume_keys(resume_path, fixed, cfg.resume_allow_changes)
-    ds_config = deepspeed_config(
-        cfg.deepspeed, cfg.optim, cfg.micro_batch_size, accumulation, info.world_size, precision
-    )
-    model = build_model(cfg, config, ds_config, info)
-    model.gradient_checkpointing = cfg.activation_checkpointing
-    model.attention_backend = cfg.attention_backend
+    ds_config = run.deepspeed_config(accumulation)
+    model = run.build_model(ds_config)
     reference = copy.deepcopy(model).eval().requires_grad_(False) if cfg.conf.kl_coef > 0 else None
-    use_lora = cfg.lora.enabled
-    if use_lora:  # adapters on the attention and dense MLPs, base frozen (llada_train/lora.py)
-        model = apply_lora(model, cfg.lora)
     updates = cfg.conf.updates_per_batch
-    engine = create_engine(model, ds_config, cfg.optim, cfg.max_steps * updates)
-    model = engine.module
+    smoke = [r["prompt_ids"] for r in (eval_records or train_records)[:8]]
+    engine = run.start(model, ds_config, cfg.max_steps * updates, smoke)
+    model = run.model
     if reference is not None:
         reference.to(info.device)
-    base_sampler = sampler_config(cfg.sampler).replace(
-        block_length=cfg.block_length, gen_length=cfg.rollout.gen_length,
-        temperature=cfg.rollout.temperature, top_k=cfg.rollout.top_k, top_p=cfg.rollout.top_p,
-    )  # fmt: skip
-
-    start_step = 0
-    if resume_path:
-        start_step = int(load_checkpoint(engine, resume_path, adapter_only=use_lora)["step"])
-        reset_schedule(engine, cfg.optim.lr)  # the next update follows the current schedule
-    tracker = Tracker(
-        cfg.tracking, run_dir, OmegaConf.to_container(cfg, resolve=True), info.is_main,
-        resume_step=start_step if resume_path else None, job_type="rl",
+    base_sampler = check_run(cfg).replace(
+        gen_length=cfg.rollout.gen_length, temperature=cfg.rollout.temperature,
+        top_k=cfg.rollout.top_k, top_p=cfg.rollout.top_p,
     )  # fmt: skip
     objective = OBJECTIVES[cfg.conf.name]
-    if info.is_main:
-        print(
-            f"rl ({cfg.conf.name}): {len(train_records)} prompts, {len(eval_records)} held out, "
-            f"{cfg.rollout.prompts_per_step} prompts x {cfg.rollout.group_size} per step, "
-            f"world {info.world_size}, ZeRO-{cfg.deepspeed.stage}, {precision}, "
-            f"steps {start_step}->{cfg.max_steps}",
-            flush=True,
-        )
+    run.announce(
+        f"{cfg.conf.name}, {len(train_records)} prompts, {len(eval_records)} held out, "
+        f"{cfg.rollout.prompts_per_step} prompts x {cfg.rollout.group_size} per step"
+    )
 
     def evaluate(step: int) -> None:
         if not eval_records:
             return
-        model.eval()
-        with inference_model(model) as whole:
+        with decoding(model) as whole:
             value = held_out_reward(
                 whole, ids, tokenizer, base_sampler, eval_records, info, cfg.rollout.gen_length,
                 cfg.rollout.reward_workers,
             )  # fmt: skip
-        model.train()
-        tracker.log({"eval/reward": value}, step=step)
+        run.tracker.log({"eval/reward": value}, step=step)
         if info.is_main:
             print(f"[step {step}] held-out reward {value:.4f}", flush=True)
 
-    if start_step == 0:
+    model.train()
+    if run.start_step == 0:
         evaluate(0)
-    num_nonfinite = consecutive_nonfinite = 0
-    bar = tqdm(total=cfg.max_steps, initial=start_step, desc="rl", dynamic_ncols=True,
+    bar = tqdm(total=cfg.max_steps, initial=run.start_step, desc="rl", dynamic_ncols=True,
                disable=not (info.is_main and cfg.progress))  # fmt: skip
-    for step in range(start_step, cfg.max_steps):
+    for step in range(run.start_step, cfg.max_steps):
         t0 = time.perf_counter()
         # ---- rollouts (this rank's prompts, all G completions of each)
         indices = step_prompt_indices(
@@ -315,13 +252,11 @@ def rl_train(cfg: DictConfig) -> str:
         ]
         group = cfg.rollout.group_size
         dual_groups = round(cfg.rollout.dual_mode_fraction * per_rank)
-        model.eval()
-        with inference_model(model) as whole:
+        with decoding(model) as whole:
             completions, dual_flags, rollout_stats = rollout(
                 whole, ids, base_sampler, [r["prompt_ids"] for r in mine], group, dual_groups,
                 example_seed(cfg.seed, step, info.rank, 0), info.device,
             )  # fmt: skip
-        model.train()
         t_rollout = time.perf_counter() - t0
         examples = [mine[i // group] for i in range(len(completions))]
         texts = [tokenizer.decode(c, skip_special_tokens=True) for c in completions]
@@ -359,20 +294,19 @@ def rl_train(cfg: DictConfig) -> str:
                     if reference is not None
                     else None
                 )
-            t = torch.stack([lv.t for lv in levels])  # (N, b)
-            weights = level_weights(t, response_mask[sl].sum(1), cfg.conf.level_weights)
+            weights = level_weights(
+                stack_t(levels), response_mask[sl].sum(1), cfg.conf.level_weights
+            )
             micro.append((sl, levels, old, ref, weights))
         t_elbo = time.perf_counter() - t1
 
         # ---- updates
         t2 = time.perf_counter()
         response_len = response_mask.sum(1)  # (B,)
-        per_token = cfg.conf.name == "grpo"  # grpo normalises by tokens, ebpo by sequences
-        local_count = float(response_len.sum()) if per_token else float(len(examples))
-        global_count = all_reduce_sum(torch.tensor(local_count, device=info.device))
-        sums = torch.zeros(
-            5, dtype=torch.float64, device=info.device
-        )  # loss, ratio, clipped, kl, n
+        global_count = all_reduce_sums(
+            {"count": float(loss_count(objective, response_len))}, info.device
+        )["count"]  # sequences (ebpo) or response tokens (grpo): the objective's own count
+        update = dict.fromkeys(("loss_sum", "ratio_sum", "clipped", "kl_sum", "count"), 0.0)
         lr_applied = engine.get_lr()[0]  # the lr of this step's first update
         for _ in range(updates):
             update_loss = torch.zeros(1, dtype=torch.float64, device=info.device)
@@ -390,87 +324,82 @@ def rl_train(cfg: DictConfig) -> str:
                 engine.step()
                 update_loss += float(loss_sum.detach())
                 n = float(count)
-                sums += torch.tensor(
-                    [float(loss_sum.detach()), stats["ratio_mean"] * n, stats["clip_fraction"] * n,
-                     stats.get("kl", 0.0) * n, n], dtype=torch.float64, device=info.device,
-                )  # fmt: skip
+                update["loss_sum"] += float(loss_sum.detach())
+                update["ratio_sum"] += stats["ratio_mean"] * n
+                update["clipped"] += stats["clip_fraction"] * n
+                update["kl_sum"] += stats.get("kl", 0.0) * n
+                update["count"] += n
             # Non-finite guard, one verdict for all ranks: the engine skipped the update (ZeRO's
             # overflow check, our ZeRO-0 guard: no parameter changed) or a loss is not finite.
             bad = torch.tensor([0.0 if engine.was_step_applied() else 1.0], device=info.device)
             bad += 0.0 if torch.isfinite(update_loss).all() else 1.0
-            if float(all_reduce_sum(bad)) > 0:
-                num_nonfinite += 1
-                consecutive_nonfinite += 1
-                stop_on_nonfinite(
-                    step + 1, float(update_loss), float("nan"), consecutive_nonfinite,
-                    cfg.max_consecutive_nonfinite, info, tracker,
-                )  # fmt: skip
-            else:
-                consecutive_nonfinite = 0
+            is_finite = float(all_reduce_sum(bad)) == 0
+            run.count_nonfinite(step + 1, is_finite, float(update_loss), float("nan"))
         t_update = time.perf_counter() - t2
 
-        # ---- logging (sums over ranks)
-        lengths = [len(c) for c in completions]
-        zero_var = zero_variance_fraction(rewards_t, group)
-        local = torch.tensor(
-            [sum(rewards), sum(r * r for r in rewards), len(rewards), reward_errors, sum(lengths),
-             zero_var * per_rank, per_rank,
-             sum(s.num_tokens for s in rollout_stats), sum(s.num_forwards for s in rollout_stats),
-             float(advantages.abs().mean()) * len(rewards)],
-            dtype=torch.float64, device=info.device,
-        )  # fmt: skip
-        all_reduce_sum(local)
-        all_reduce_sum(sums)
-        n = float(local[2])
-        mean_r = float(local[0]) / n
+        # ---- logging (sums over ranks, by name)
+        total = all_reduce_sums(
+            {
+                **update,
+                "reward_sum": sum(rewards),
+                "reward_sq_sum": sum(r * r for r in rewards),
+                "num_rewards": len(rewards),
+                "reward_errors": reward_errors,
+                "response_tokens": sum(len(c) for c in completions),
+                "zero_variance_groups": zero_variance_fraction(rewards_t, group) * per_rank,
+                "groups": per_rank,
+                "rollout_tokens": sum(s.num_tokens for s in rollout_stats),
+                "rollout_forwards": sum(s.num_forwards for s in rollout_stats),
+                "advantage_abs_sum": float(advantages.abs().mean()) * len(rewards),
+            },
+            info.device,
+        )
+        n = float(total["num_rewards"])
+        count = total["count"]
+        mean_r = float(total["reward_sum"]) / n
         metrics = {
             "reward/mean": mean_r,
-            "reward/std": max(0.0, float(local[1]) / n - mean_r**2) ** 0.5,
-            "reward/errors": float(local[3]),
-            "advantage/abs_mean": float(local[9]) / n,
-            "zero_variance_groups": float(local[5] / local[6]),
-            "response_length/mean": float(local[4]) / n,
-            "rollout/tpf": float(local[7] / local[8].clamp_min(1)),
+            "reward/std": max(0.0, float(total["reward_sq_sum"]) / n - mean_r**2) ** 0.5,
+            "reward/errors": float(total["reward_errors"]),
+            "advantage/abs_mean": float(total["advantage_abs_sum"]) / n,
+            "zero_variance_groups": float(total["zero_variance_groups"] / total["groups"]),
+            "response_length/mean": float(total["response_tokens"]) / n,
+            "rollout/tpf": float(total["rollout_tokens"] / total["rollout_forwards"].clamp_min(1)),
             "rollout/time_s": t_rollout,
             "time/elbo_old_s": t_elbo,
             "time/update_s": t_update,
-            "loss": float(sums[0] / sums[4]),
-            "ratio/mean": float(sums[1] / sums[4]),
-            "clip_fraction": float(sums[2] / sums[4]),
-            "kl": float(sums[3] / sums[4]),
+            "loss": float(total["loss_sum"] / count),
+            "ratio/mean": float(total["ratio_sum"] / count),
+            "clip_fraction": float(total["clipped"] / count),
+            "kl": float(total["kl_sum"] / count),
             "lr": engine.get_lr()[0],
             "lr/applied": lr_applied,
-            "nonfinite/updates": num_nonfinite,
+            "nonfinite/updates": run.num_nonfinite,
         }
         for name in sorted({e["reward"] for e in examples}):
             vals = [r for r, e in zip(rewards, examples, strict=True) if e["reward"] == name]
             metrics[f"reward/{name}"] = sum(vals) / len(vals)
-        tracker.log(metrics, step=step + 1)
-        if info.is_main:
-            rows = [
-                [e["prompt"], t, r, d]
-                for e, t, r, d in list(zip(examples, texts, rewards, dual_flags, strict=True))[
-                    ::group
-                ][:4]
-            ]
-            tracker.log_table(
-                "rollouts", ["prompt", "completion", "reward", "dual_mode"], rows, step + 1
-            )
+        if run.should_log(step + 1):
+            run.tracker.log(metrics, step=step + 1)
+            if info.is_main:
+                rows = [
+                    [e["prompt"], t, r, d]
+                    for e, t, r, d in list(zip(examples, texts, rewards, dual_flags, strict=True))[
+                        ::group
+                    ][:4]
+                ]
+                run.tracker.log_table(
+                    "rollouts", ["prompt", "completion", "reward", "dual_mode"], rows, step + 1
+                )
         bar.update(1)
         bar.set_postfix(reward=f"{mean_r:.3f}", clip=f"{metrics['clip_fraction']:.2f}")
         if (step + 1) % cfg.eval_every == 0 or step + 1 == cfg.max_steps:
             evaluate(step + 1)
-        if (step + 1) % cfg.checkpoint.save_every == 0 or step + 1 == cfg.max_steps:
-            path = save_checkpoint(
-                engine, ckpt_root, step + 1, {"step": step + 1}, info.is_main,
-                cfg.checkpoint.keep_last, cfg.checkpoint.export_hf, None, tokenizer,
-                facts={"block_length": cfg.block_length, "chat_template": True, "task": "rl"},
-                fixed=fixed,
-                adapter_only=use_lora, export_state=merged_official_state if use_lora else None,
-            )  # fmt: skip
+        if run.should_save(step + 1):
+            path = run.save(step + 1)
             if info.is_main:
                 with open(os.path.join(path, "rl_metrics.json"), "w") as f:
                     json.dump({"step": step + 1, **metrics}, f, indent=2)
     bar.close()
-    tracker.finish()
-    return run_dir
+    run.finish()
+    return run.run_dir

@@ -28,7 +28,7 @@ Contract:
   widen for bigger models.
 - `code_tasks()` holds every code task with its reference solution (the files do not carry it).
 
-CLI: `python -m llada_train.data.generate [--out data/shipped] [--eval-out eval/data] [--seed 0]`.
+CLI: `python -m llada_train.data.synthetic [--out data/shipped] [--eval-out eval/data] [--seed 0]`.
 """
 
 from __future__ import annotations

@@ -1,0 +1,397 @@
+"""Run set-up and checkpoint policy, one path for the CPT/SFT loop (train.py) and the RL loop.
+
+Both loops read the same way:
+
+    run = open_run(cfg, job_type, batch)     # run dir (writable), tokenizer + special ids, model
+                                             # config (init_from checked), process group,
+                                             # precision, the checkpoint to resume from (checked)
+    ds_config = run.deepspeed_config(accumulation)
+    model = run.build_model(ds_config)       # fresh (seeded) or init_from (model/build.py)
+    engine = run.start(model, ds_config, num_optimizer_steps, smoke_prompts)
+                                             # DeepSpeed engine, fp32 expert bias, resume
+                                             # (engine, expert bias, LR schedule), tracker
+    for step in range(run.start_step, cfg.max_steps):
+        ...
+        run.count_nonfinite(step + 1, is_finite, loss, grad_norm)
+        if run.should_log(step + 1): run.tracker.log(metrics, step + 1)
+        if run.should_save(step + 1): run.save(step + 1)
+
+Contract (the `checkpoint`, `tracking` and resume options, honoured alike by every loop):
+- `tracking.log_every`: metrics every N steps and at the last step.
+- `checkpoint.save_every` (and the last step), `keep_last`, `export_hf`, `export_dtype`: an
+  atomic, durable save (`checkpoint.save_checkpoint`) whose client state holds the step, the
+  non-finite count and the fp32 expert biases (restored on resume); every export holds the
+  training facts (`llada_train.json`: block_length, chat_template, task, max_length) and the
+  checkpoint what a resume must share with it (data, global batch, seed, model).
+- After each save: an in-process lm-eval every `eval_every_saves` saves (`checkpoint.eval`;
+  its sampler decodes with the run's `block_length` unless `checkpoint.eval.sampler` sets one),
+  and `smoke_prompts` prompts decoded by the shared sampler (`smoke_gen_length` tokens), logged
+  as a table and written to `smoke_generation.json` (also on resume when a kill right after the
+  save left it out). A failure of either is printed and never stops training.
+- Non-finite guard: a loop tells `count_nonfinite` whether each step's update was finite (all
+  ranks agree); `max_consecutive_nonfinite` skipped ones in a row stop the run.
+- The expert bias of every MoE router stays fp32 whatever the weights' dtype: it only selects
+  experts, and its updates are far below bf16 resolution.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from llada_train.checkpoint import (
+    SMOKE_FILE,
+    check_resume_keys,
+    load_checkpoint,
+    remove_partials,
+    resolve_model_dir,
+    resolve_resume,
+    save_checkpoint,
+)
+from llada_train.config import checkpoint_eval_node
+from llada_train.distributed import (
+    DistInfo,
+    barrier,
+    create_engine,
+    deepspeed_config,
+    inference_model,
+    init_distributed,
+    reset_schedule,
+    resolve_precision,
+)
+from llada_train.errors import check_writable
+from llada_train.eval.watch import start_background
+from llada_train.lora import apply_lora, merged_official_state
+from llada_train.model.build import build_model, resolve_model_config
+from llada_train.model.config import LLaDA2MoeConfig
+from llada_train.model.io import check_checkpoint
+from llada_train.model.modeling import LLaDA2MoeModelLM
+from llada_train.sampler import Sampler, sampler_config
+from llada_train.tokenizer import SpecialIds, resolve_tokenizer, special_ids
+from llada_train.tracking import Tracker
+
+EXPORT_DTYPES = {"auto": None, "float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+EVAL_MODES = ("auto", "background", "in_process")
+
+
+def resolve_eval_mode(checkpoint_cfg, device: torch.device) -> str:
+    """The evaluation of saved checkpoints: off (eval_every_saves 0), background or in_process;
+    auto is background on CPU and in_process on GPU, whose memory the training job holds.
+    Raises ValueError for an unknown checkpoint.eval_mode."""
+    mode = checkpoint_cfg.eval_mode
+    if mode not in EVAL_MODES:
+        raise ValueError(f"checkpoint.eval_mode must be one of {EVAL_MODES}, got {mode!r}")
+    if checkpoint_cfg.eval_every_saves <= 0:
+        return "off"
+    if mode == "auto":
+        return "in_process" if device.type == "cuda" else "background"
+    return mode
+
+
+def run_tokenizer(cfg: DictConfig):
+    """The run's tokenizer (`tokenizer`: default, a path, or null = the init_from dir's); None
+    only when neither names one (a dry run then takes the ids from the model config)."""
+    return resolve_tokenizer(cfg.tokenizer, cfg.init_from)
+
+
+@dataclass
+class Run:
+    """One training run: where it writes, what it trains, and (after `start`) its engine."""
+
+    cfg: DictConfig
+    job_type: str  # sft | cpt | rl: the W&B job type and the checkpoint's `task`
+    info: DistInfo
+    run_dir: str
+    tokenizer: Any
+    ids: SpecialIds
+    model_config: LLaDA2MoeConfig
+    precision: str  # bf16 | fp32
+    fixed: dict  # what a resumed run must share with its checkpoint (COMPLETE.json "fixed")
+    facts: dict  # decode-relevant facts written with every export (llada_train.json)
+    resume_path: str | None = None  # the checkpoint to resume from (checked against `fixed`)
+    engine: Any = None
+    model: LLaDA2MoeModelLM | None = None  # engine.module
+    tracker: Tracker | None = None
+    start_step: int = 0
+    smoke_prompts: list[list[int]] | None = None  # decoded at every save
+    num_nonfinite: int = 0  # steps (SFT/CPT) or updates (RL) skipped as non-finite
+    consecutive_nonfinite: int = 0
+
+    @property
+    def use_lora(self) -> bool:
+        return bool(self.cfg.lora.enabled)
+
+    @property
+    def eval_mode(self) -> str:
+        return resolve_eval_mode(self.cfg.checkpoint, self.info.device)
+
+    @property
+    def ckpt_root(self) -> str:
+        return os.path.join(self.run_dir, "checkpoints")
+
+    def deepspeed_config(self, accumulation: int) -> dict[str, Any]:
+        c = self.cfg
+        return deepspeed_config(
+            c.deepspeed, c.optim, c.micro_batch_size, accumulation, self.info.world_size,
+            self.precision,
+        )  # fmt: skip
+
+    def build_model(self, ds_config: dict[str, Any]) -> LLaDA2MoeModelLM:
+        model = build_model(
+            self.model_config, ds_config, init_from=self.cfg.init_from, seed=self.cfg.seed,
+            is_main=self.info.is_main,
+        )  # fmt: skip
+        model.gradient_checkpointing = self.cfg.activation_checkpointing
+        model.attention_backend = self.cfg.attention_backend
+        return model
+
+    def start(
+        self,
+        model: LLaDA2MoeModelLM,
+        ds_config: dict[str, Any],
+        num_steps: int,
+        smoke_prompts: list[list[int]],
+    ):
+        """DeepSpeed engine over `model` (LR schedule over `num_steps` optimizer steps), fp32
+        expert biases, resume (engine, expert biases, the LR of the next update recomputed under
+        the current schedule), tracker; a resumed checkpoint that lacks its smoke generation (a
+        kill right after the save) gets it. Returns the engine."""
+        if self.use_lora:  # adapters on the attention and dense MLPs, base frozen (lora.py)
+            model = apply_lora(model, self.cfg.lora)
+        self.engine = create_engine(model, ds_config, self.cfg.optim, num_steps)
+        self.model = self.engine.module
+        self.smoke_prompts = smoke_prompts
+        for moe in self.model.moe_layers():  # selection-only bias stays fp32 (module docstring)
+            moe.gate.expert_bias.data = moe.gate.expert_bias.data.float()
+        if self.resume_path:
+            state = load_checkpoint(self.engine, self.resume_path, adapter_only=self.use_lora)
+            self.start_step = int(state["step"])
+            biases = state.get("expert_bias", [])
+            for moe, bias in zip(self.model.moe_layers(), biases, strict=False):
+                moe.gate.expert_bias.copy_(torch.tensor(bias, dtype=torch.float32))
+            reset_schedule(self.engine, self.cfg.optim.lr)  # the next update: current schedule
+        self.tracker = Tracker(
+            self.cfg.tracking, self.run_dir, OmegaConf.to_container(self.cfg, resolve=True),
+            self.info.is_main, resume_step=self.start_step if self.resume_path else None,
+            job_type=self.job_type,
+        )  # fmt: skip
+        if self.eval_mode == "background" and self.info.is_main:
+            c = self.cfg.checkpoint
+            watcher = start_background(
+                self.run_dir,
+                c.eval,
+                self.cfg.tracking,
+                every_steps=c.save_every * c.eval_every_saves,
+            )
+            print(f"evaluating every checkpoint in the background: pid {watcher.pid}, log "
+                  f"{os.path.join(self.run_dir, 'eval', 'watcher.log')}", flush=True)  # fmt: skip
+        if self.resume_path and not os.path.exists(os.path.join(self.resume_path, SMOKE_FILE)):
+            self._write_smoke_generation(self.resume_path, self.start_step)
+        return self.engine
+
+    def announce(self, what: str) -> None:
+        """Print (rank 0) the start-up line: `what` the loop adds, then the run's set-up."""
+        c = self.cfg
+        if self.info.is_main:
+            print(
+                f"{self.job_type}: {what}, world {self.info.world_size}, "
+                f"ZeRO-{c.deepspeed.stage}, {self.precision}, steps {self.start_step}->"
+                f"{c.max_steps}"
+                + (f", resumed from {self.resume_path}" if self.resume_path else ""),
+                flush=True,
+            )
+
+    # ------------------------------------------------------------------ checkpoint policy
+    def should_log(self, step: int) -> bool:
+        return step % self.cfg.tracking.log_every == 0 or step == self.cfg.max_steps
+
+    def should_save(self, step: int) -> bool:
+        return step % self.cfg.checkpoint.save_every == 0 or step == self.cfg.max_steps
+
+    def save(self, step: int) -> str:
+        """Save `step` (module docstring), then its evaluation hooks; returns the path."""
+        state = {
+            "step": step,
+            "nonfinite_steps": self.num_nonfinite,
+            "expert_bias": [m.gate.expert_bias.tolist() for m in self.model.moe_layers()],
+            "task": self.job_type,
+        }
+        c = self.cfg.checkpoint
+        path = save_checkpoint(
+            self.engine, self.ckpt_root, step, state, self.info.is_main, c.keep_last,
+            c.export_hf, EXPORT_DTYPES[c.export_dtype], self.tokenizer, self.facts, self.fixed,
+            adapter_only=self.use_lora,
+            export_state=merged_official_state if self.use_lora else None,
+        )  # fmt: skip
+        every = c.eval_every_saves
+        if self.eval_mode == "in_process" and (step // c.save_every) % every == 0:
+            try:
+                self._evaluate(path, step)
+            except Exception as e:  # noqa: BLE001 - evaluation must never kill training
+                if self.info.is_main:
+                    print(f"[checkpoint {step}] evaluation failed: {type(e).__name__}: {e}")
+        self._write_smoke_generation(path, step)
+        return path
+
+    def count_nonfinite(self, step: int, is_finite: bool, loss: float, grad_norm: float) -> None:
+        """Count a step whose update was skipped as non-finite (all ranks agree on `is_finite`):
+        a warning line, and after `max_consecutive_nonfinite` in a row (0 = never) a ValueError
+        starting `step N: non-finite` that stops the run. A finite step resets the streak."""
+        if is_finite:
+            self.consecutive_nonfinite = 0
+            return
+        self.num_nonfinite += 1
+        self.consecutive_nonfinite += 1
+        consecutive, limit = self.consecutive_nonfinite, self.cfg.max_consecutive_nonfinite
+        if self.info.is_main:
+            print(
+                f"warning: step {step}: non-finite loss ({loss}) or grad norm ({grad_norm}); the "
+                f"update was skipped ({consecutive} in a row)",
+                flush=True,
+            )
+        if limit > 0 and consecutive >= limit:
+            self.tracker.finish()
+            raise ValueError(
+                f"step {step}: non-finite loss ({loss}) or grad norm ({grad_norm}) in "
+                f"{consecutive} consecutive steps; their updates were skipped and no checkpoint "
+                "holds non-finite weights. Lower optim.lr, check the data, or raise "
+                "max_consecutive_nonfinite"
+            )
+
+    def _write_smoke_generation(self, path: str, step: int) -> None:
+        """Decode the smoke prompts, log them as a table and write `smoke_generation.json` into
+        the checkpoint `path`. A failure is printed and never stops training. A collective under
+        ZeRO-3: every rank enters."""
+        c, is_main, prompts = self.cfg.checkpoint, self.info.is_main, self.smoke_prompts
+        if c.smoke_prompts <= 0 or not prompts:
+            return
+        try:
+            texts, stats = self._smoke_generate(prompts[: c.smoke_prompts])
+        except Exception as e:  # noqa: BLE001 - evaluation must never kill training
+            if is_main:
+                print(f"[checkpoint {step}] smoke generation failed: {type(e).__name__}: {e}")
+            return
+        if not is_main:
+            return
+        rows = [
+            [self.tokenizer.decode(p, skip_special_tokens=False), t]
+            for p, t in zip(prompts, texts, strict=False)
+        ]
+        self.tracker.log_table("samples", ["prompt", "completion"], rows, step)
+        with open(os.path.join(path, SMOKE_FILE), "w") as f:
+            json.dump(
+                {"step": step, "samples": rows, "tpf": stats.tpf,
+                 "tokens_per_s": stats.tokens_per_s},
+                f, indent=2,
+            )  # fmt: skip
+
+    def _smoke_generate(self, prompts: list[list[int]]):
+        """Decode `prompts` with the shared sampler (weights gathered once under ZeRO-3)."""
+        s_cfg = sampler_config(self.cfg.sampler).replace(
+            gen_length=self.cfg.checkpoint.smoke_gen_length
+        )
+        with decoding(self.model) as whole:
+            sampler = Sampler(whole, self.ids.mask_id, self.ids.eos_id, s_cfg, self.info.device)
+            out = sampler.generate(prompts)
+        texts = [self.tokenizer.decode(t, skip_special_tokens=True) for t in out.tokens]
+        return texts, out.stats
+
+    def _evaluate(self, path: str, step: int) -> None:
+        """lm-eval of the checkpoint on rank 0 with the weights gathered once (a collective, so
+        every rank enters); results go next to the checkpoint and to the tracker at `step`."""
+        from llada_train.eval.evaluate import evaluate_checkpoint
+
+        # decoded with the block length the run trains with, unless checkpoint.eval sets one
+        eval_cfg = OmegaConf.merge(
+            {"sampler": {"block_length": self.cfg.block_length}},
+            checkpoint_eval_node(self.cfg.checkpoint.eval),
+        )
+        with decoding(self.model) as whole:
+            if self.info.is_main:
+                evaluate_checkpoint(
+                    path, eval_cfg, model=whole, tokenizer=self.tokenizer, step=step,
+                    tracker=self.tracker,
+                )  # fmt: skip
+            barrier()
+
+    def finish(self) -> None:
+        if self.tracker is not None:
+            self.tracker.finish()
+
+
+@contextlib.contextmanager
+def decoding(model: LLaDA2MoeModelLM):
+    """The model with whole weights in eval mode for a block of sampler calls (a collective:
+    every rank enters, see `distributed.inference_model`); its train/eval mode is restored."""
+    was_training = model.training
+    model.eval()
+    try:
+        with inference_model(model) as whole:
+            yield whole
+    finally:
+        model.train(was_training)
+
+
+def open_run(cfg: DictConfig, job_type: str, batch: dict[str, Any]) -> Run:
+    """Process group, run directory (writable), tokenizer and special ids, model config (and
+    init_from's files checked), precision, and the checkpoint to resume from: partial saves
+    removed, the latest complete one checked against what the run must share with it (data,
+    `batch` (the global batch keys of the loop), seed, model; `resume_allow_changes`).
+
+    `init_from` may name a model dir, a checkpoint or a run dir (its latest complete
+    checkpoint's export). Raises ValueError when no tokenizer is named and init_from is unset,
+    or when `checkpoint.eval` (used when eval_every_saves > 0) holds a bad value.
+    """
+    if cfg.checkpoint.eval_every_saves > 0:  # its partial eval config, checked before any work
+        from llada_train.eval.config import as_eval_config
+
+        as_eval_config(checkpoint_eval_node(cfg.checkpoint.eval))
+        resolve_eval_mode(cfg.checkpoint, torch.device("cpu"))  # checks checkpoint.eval_mode
+    if cfg.init_from:
+        cfg.init_from = resolve_model_dir(cfg.init_from)
+    run_dir = os.path.abspath(cfg.output_dir)
+    ckpt_root = os.path.join(run_dir, "checkpoints")
+    check_writable(ckpt_root, "checkpoint directory")  # at launch, not at the first save
+    tokenizer = run_tokenizer(cfg)
+    if tokenizer is None:
+        raise ValueError("tokenizer=null needs init_from=DIR holding the tokenizer files")
+    info = init_distributed()
+    model_config = resolve_model_config(cfg.init_from, cfg.get("model"), tokenizer)
+    if cfg.init_from:
+        check_checkpoint(cfg.init_from, model_config)  # whole shards, names and shapes
+    fixed = {
+        "data": OmegaConf.to_container(cfg.data, resolve=True),
+        **batch,
+        "seed": cfg.seed,
+        "model": model_config.to_dict(),
+    }
+    if info.is_main:
+        remove_partials(ckpt_root)
+    barrier()
+    resume_path = resolve_resume(cfg.resume, ckpt_root)
+    if resume_path:
+        check_resume_keys(resume_path, fixed, cfg.resume_allow_changes)
+    facts = {"block_length": cfg.block_length, "chat_template": job_type != "cpt", "task": job_type}
+    if "max_length" in cfg.data:
+        facts["max_length"] = cfg.data.max_length
+    return Run(
+        cfg=cfg,
+        job_type=job_type,
+        info=info,
+        run_dir=run_dir,
+        tokenizer=tokenizer,
+        ids=special_ids(tokenizer),
+        model_config=model_config,
+        precision=resolve_precision(cfg.precision, info.device),
+        fixed=fixed,
+        facts=facts,
+        resume_path=resume_path,
+    )
