@@ -4,7 +4,8 @@ Contract: `EvalConfig` lists every key of `python -m llada_train.eval` (a typo f
 `register_eval_schema()` stores it as `eval_schema` in Hydra's ConfigStore;
 `as_eval_config(node)` turns a partial dict / DictConfig (e.g. from a training loop, which cannot
 compose a second Hydra config inside its own) into a complete validated DictConfig; a missing
-`sampler` is the Speed preset (the `SamplerConfig` defaults).
+`sampler` is the Speed preset with `block_length: null` (the block length the model was trained
+with, `sampler.sampler_config`).
 """
 
 from __future__ import annotations
