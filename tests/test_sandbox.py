@@ -539,7 +539,10 @@ def test_memory_budget_is_a_total_over_the_run(budget):
     budget_bytes = 256 << 20
     # The interpreter's start-up memory (~5 MiB, shared by its forks) is allocated before the
     # outer process joins its cgroup, so it is charged to us; the watcher acts within a period.
-    slack = (16 << 20) if budget == "cgroup" else (64 << 20)
+    # Sampled from outside, the PSS of children being killed lags the cgroup's own count: one
+    # full-suite run on a loaded machine saw 277.9 MiB here (cgroup), so 32 MiB of slack; still
+    # far from the 640 MiB a per-process limit would allow.
+    slack = (32 << 20) if budget == "cgroup" else (64 << 20)
     assert peak[0] <= budget_bytes + slack, peak[0] / 2**20
     assert result.memory_peak_mb is not None and result.memory_peak_mb <= 256 + slack / 2**20
     if budget == "memwatch":
