@@ -1,11 +1,16 @@
 """Reference helpers of the RL tests that the library does not need (it builds the response
-mask from the sampler's completions and reduces metrics over ranks itself)."""
+mask from the sampler's completions, reduces metrics over ranks itself, and scores a batch of
+code through `rewards.score_batch`)."""
 
 from __future__ import annotations
+
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
 from llada_train.rl.advantages import as_groups, zero_variance_fraction
+from llada_train.rl.sandbox import SandboxResult, run_python
 
 
 def response_mask_from_eos(
@@ -61,3 +66,14 @@ def advantage_stats(advantages: torch.Tensor) -> dict[str, float]:
         "advantage/max": float(a.max()),
         "advantage/nonzero_fraction": float((a != 0).double().mean()),
     }
+
+
+def run_many(
+    codes: Sequence[str], *, max_workers: int = 8, **kwargs: object
+) -> list[SandboxResult]:
+    """`run_python` on each of `codes` with the same keyword arguments, in a thread pool (the
+    threads only wait on subprocesses); results in the order of `codes`."""
+    if not codes:
+        return []
+    with ThreadPoolExecutor(max_workers=max(1, min(max_workers, len(codes)))) as pool:
+        return list(pool.map(lambda code: run_python(code, **kwargs), codes))

@@ -17,9 +17,10 @@ import time
 import uuid
 
 import pytest
+from rl_reference import run_many
 
 import llada_train
-from llada_train.rl.sandbox import BOOTSTRAP_TAG, run_many, run_python
+from llada_train.rl.sandbox import BOOTSTRAP_TAG, run_python
 
 IS_ROOT = os.geteuid() == 0
 FAST = dict(timeout_s=2.0, memory_mb=256, max_processes=16)

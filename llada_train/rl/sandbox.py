@@ -104,8 +104,6 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 from llada_train.rl import sandbox_child
@@ -669,14 +667,3 @@ def _cleanup(proc: subprocess.Popen, uids: list[int], cgroup: _RunCgroup | None)
         pass  # stuck in the kernel: give up rather than hang the caller
     if cgroup is not None:
         cgroup.kill_all()  # the outer process itself is a member until it is reaped
-
-
-def run_many(
-    codes: Sequence[str], *, max_workers: int = 8, **kwargs: object
-) -> list[SandboxResult]:
-    """`run_python` on each of `codes` with the same keyword arguments, in a thread pool (the
-    threads only wait on subprocesses); results in the order of `codes`."""
-    if not codes:
-        return []
-    with ThreadPoolExecutor(max_workers=max(1, min(max_workers, len(codes)))) as pool:
-        return list(pool.map(lambda code: run_python(code, **kwargs), codes))
