@@ -87,6 +87,31 @@ class LevelWeights(Choice):
     elbo_length = "elbo_length"  # ... / response length
 
 
+class DataFormat(Choice):  # llada_train/data/formats.py
+    auto = "auto"  # per record, from its keys
+    messages = "messages"
+    sharegpt = "sharegpt"
+    alpaca = "alpaca"
+    prompt_completion = "prompt_completion"
+
+
+class Supervise(Choice):
+    all = "all"  # every assistant turn is a response
+    last = "last"
+
+
+class Pack(Choice):
+    auto = "auto"  # with block-sparse attention, when the cost model says it is cheaper
+    always = "always"
+    never = "never"
+
+
+class EvalMode(Choice):
+    auto = "auto"  # background on CPU, in_process on GPU
+    background = "background"
+    in_process = "in_process"
+
+
 @dataclass
 class DataConfig:
     kind: DataKind = DataKind.sft
@@ -95,9 +120,9 @@ class DataConfig:
     hub_split: str = "train"
     field: str | None = None  # record field; default `messages` (sft) or `text` (cpt)
     # sft record format: auto | messages | sharegpt | alpaca | prompt_completion (data/formats.py)
-    format: str = "auto"
-    supervise: str = "all"  # sft: all assistant turns are responses, or only the last
-    pack: str = "auto"  # sft: several chats per sequence: always | never | auto (when cheaper)
+    format: DataFormat = DataFormat.auto
+    supervise: Supervise = Supervise.all  # sft: all assistant turns are responses, or the last
+    pack: Pack = Pack.auto  # sft: several chats per sequence (data/pipeline.py choose_packing)
     max_length: int = 256  # tokens per example (sft) or per packed sequence (cpt)
     pad_supervised: bool = True  # sft: the EOS padding after a response is maskable/supervised
     on_bad_record: OnBadRecord = OnBadRecord.error
@@ -170,7 +195,7 @@ class CheckpointConfig:
     # background: a watcher process beside the run (never blocks training); in_process: rank 0
     # evaluates the gathered weights at the save (blocks); auto: background on CPU, in_process
     # on GPU (whose memory training holds). `python -m llada_train.eval watch=RUN_DIR` by hand.
-    eval_mode: str = "auto"
+    eval_mode: EvalMode = EvalMode.auto
     # partial EvalConfig (llada_train/eval/config.py), e.g. {tasks: [...], limit: 100};
     # null = DEFAULT_CHECKPOINT_EVAL (the shipped generation task, 50 questions)
     eval: Any = None
