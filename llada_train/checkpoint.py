@@ -37,6 +37,7 @@ import warnings
 
 from llada_train.distributed import barrier, layerwise_gather, weights_finite
 from llada_train.errors import disk_full_message
+from llada_train.lora import base_model
 from llada_train.model.io import (
     official_state_dict,
     save_pretrained,
@@ -296,8 +297,9 @@ def _write_partial(engine, ckpt_root, partial, client_state, is_main, export_hf,
         if is_main:
             state = (export_state or official_state_dict)(model, gather=gather)
             hf_dir = os.path.join(partial, "hf")
-            base = model.get_base_model() if hasattr(model, "get_base_model") else model
-            save_pretrained(base, hf_dir, dtype=export_dtype, tokenizer=tokenizer, state=state)
+            save_pretrained(
+                base_model(model), hf_dir, dtype=export_dtype, tokenizer=tokenizer, state=state
+            )
             if facts is not None:
                 save_training_facts(hf_dir, {**facts, "step": step})
         else:

@@ -84,11 +84,13 @@ def _string(record: dict, key: str, origin: str, required: bool = True) -> str:
     return value
 
 
-def from_messages(record: dict, origin: str, field: str = "messages") -> list[dict[str, str]]:
+def from_messages(record: dict, origin: str, field: str | None = None) -> list[dict[str, str]]:
+    field = field or "messages"
     return _turns(record.get(field), origin, field, "role", "content")
 
 
-def from_sharegpt(record: dict, origin: str, field: str = "conversations") -> list[dict[str, str]]:
+def from_sharegpt(record: dict, origin: str, field: str | None = None) -> list[dict[str, str]]:
+    field = field or "conversations"
     return _turns(record.get(field), origin, field, "from", "value")
 
 
@@ -156,10 +158,7 @@ def to_messages(
             "the chat format; expected 'messages', 'conversations', 'instruction'+'output' or "
             "'prompt'+'completion' (or set data.format and data.field)"
         )
-    if chosen in ("messages", "sharegpt"):
-        messages = READERS[chosen](record, origin, field or READERS_DEFAULT_FIELD[chosen])
-    else:
-        messages = READERS[chosen](record, origin)
+    messages = READERS[chosen](record, origin, field)
     last = messages[-1]
     if last["role"] != "assistant":
         raise BadRecord(
@@ -168,6 +167,3 @@ def to_messages(
     if not last["content"].strip():
         raise BadRecord(f"{origin}: empty assistant response")
     return messages
-
-
-READERS_DEFAULT_FIELD = {"messages": "messages", "sharegpt": "conversations"}

@@ -116,13 +116,12 @@ def _read_file(path: str) -> Iterator[tuple[dict, str]]:
             raw = f.read()
         try:
             text = raw.decode("utf-8")
-        except UnicodeDecodeError as e:
-            lineno = raw[: e.start].count(b"\n") + 1
-            column = e.start - raw.rfind(b"\n", 0, e.start)
-            raise BadRecord(
-                f"{path}:{lineno}: not UTF-8 text (byte 0x{raw[e.start]:02x} at column "
-                f"{column}); re-save the file as UTF-8"
-            ) from None
+        except UnicodeDecodeError as e:  # name the line: decode it alone for the message
+            start = raw.rfind(b"\n", 0, e.start) + 1
+            end = raw.find(b"\n", e.start)
+            lineno = raw[:start].count(b"\n") + 1
+            _text_line(raw[start : end if end >= 0 else len(raw)], path, lineno)
+            raise AssertionError("unreachable: the line holds the bad byte") from None
         if not text.strip():
             return
         try:
