@@ -148,6 +148,7 @@ class OptimConfig:
     weight_decay: float = 0.1
     warmup_ratio: float = 0.03
     min_lr_ratio: float = 0.0  # cosine decays to lr * min_lr_ratio
+    decay_ratio: float = 1.0  # share of the steps the final cosine spans; < 1: warmup-stable-decay
     grad_clip: float = 1.0
 
 
@@ -202,6 +203,18 @@ class CheckpointConfig:
 
 
 @dataclass
+class HeldoutConfig:
+    """A periodic held-out check during CPT/SFT (issue 17): a few questions decoded by the
+    shared sampler (the run's `sampler` node) and scored by exact match, logged with the step's
+    metrics as heldout/exact_match and heldout/tpf, so a run that is not learning shows early."""
+
+    files: list[str] = field(default_factory=list)  # chat files; the last assistant turn is gold
+    every: int = 0  # optimizer steps between checks (and at the last step); 0 = off
+    num_questions: int = 32  # the first N chats of the files
+    gen_length: int = 32  # tokens decoded per question
+
+
+@dataclass
 class TrainConfig:
     model: Any = MISSING  # a conf/model node; validated by LLaDA2MoeConfig
     init_from: str | None = None  # HF-format dir (weights + tokenizer); None = fresh init
@@ -214,6 +227,7 @@ class TrainConfig:
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     moe: MoEConfig = field(default_factory=MoEConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    heldout: HeldoutConfig = field(default_factory=HeldoutConfig)
     lora: LoraSettings = field(default_factory=LoraSettings)  # llada_train/lora.py
     sampler: SamplerConfig = field(default_factory=SamplerConfig)  # smoke generation at saves
     block_length: int = 32
@@ -358,7 +372,7 @@ def register_schemas() -> None:
 
 def check_run(cfg: Any) -> SamplerConfig:
     """The launch checks every training loop (SFT, CPT, RL) shares, before any work: attention
-    backend, `deepspeed.*`, `lora.*`, and the sampler (`check_sampler`, returned). ValueError
+    backend, `deepspeed.*`, `lora.*`, the schedule ratios of `optim.*`, and the sampler (`check_sampler`, returned). ValueError
     naming the key to change."""
     from llada_train.distributed import check_deepspeed
     from llada_train.lora import check_lora
@@ -368,6 +382,10 @@ def check_run(cfg: Any) -> SamplerConfig:
         raise ValueError(f"attention_backend={cfg.attention_backend!r}: choose one of {BACKENDS}")
     check_deepspeed(cfg.deepspeed)
     check_lora(cfg.lora, cfg.deepspeed.stage)
+    o = cfg.optim
+    for key in ("warmup_ratio", "min_lr_ratio", "decay_ratio"):
+        if not 0.0 <= o[key] <= 1.0:
+            raise ValueError(f"optim.{key}={o[key]} must lie in [0, 1]")
     return check_sampler(cfg)
 
 

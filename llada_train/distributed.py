@@ -197,20 +197,36 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     return [g for g in groups if g["params"]]  # LoRA trains matrices only: no empty group
 
 
-def lr_lambda(step: int, max_steps: int, warmup_ratio: float, min_lr_ratio: float) -> float:
-    """Linear warmup over ceil(warmup_ratio * max_steps) steps, then cosine to min_lr_ratio."""
+def lr_lambda(
+    step: int, max_steps: int, warmup_ratio: float, min_lr_ratio: float, decay_ratio: float = 1.0
+) -> float:
+    """LR multiplier of optimizer step `step` (0-based): linear warmup over
+    ceil(warmup_ratio * max_steps) steps, constant at 1, then a cosine to min_lr_ratio over the
+    last ceil(decay_ratio * max_steps) steps (at most every step after the warmup).
+
+    decay_ratio = 1: warmup + cosine over the whole run (the usual LLM schedule).
+    decay_ratio < 1: warmup-stable-decay (WSD; Hu et al. 2024, MiniCPM section 4): the rate
+    stays at its peak until the final decay. Issue 17 found the tiny recipe's addition task
+    learnt only late, after a whole-run cosine has already lowered the rate (docs/learning.md).
+    """
     warmup = math.ceil(warmup_ratio * max_steps)
     if step < warmup:
         return (step + 1) / warmup
-    progress = min(1.0, (step - warmup) / max(1, max_steps - warmup))
+    decay = min(max_steps - warmup, math.ceil(decay_ratio * max_steps))
+    decay_start = max_steps - decay
+    if step < decay_start:
+        return 1.0
+    progress = min(1.0, (step - decay_start) / max(1, decay))
     return min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
 def create_engine(model: torch.nn.Module, ds_config: dict[str, Any], optim_cfg, max_steps: int):
-    """A DeepSpeed engine with AdamW and the warmup+cosine schedule (stepped by DeepSpeed)."""
+    """A DeepSpeed engine with AdamW and the `lr_lambda` schedule (stepped by DeepSpeed)."""
     import deepspeed
 
-    schedule = lambda s: lr_lambda(s, max_steps, optim_cfg.warmup_ratio, optim_cfg.min_lr_ratio)  # noqa: E731
+    schedule = lambda s: lr_lambda(  # noqa: E731
+        s, max_steps, optim_cfg.warmup_ratio, optim_cfg.min_lr_ratio, optim_cfg.decay_ratio
+    )
     optimizer = None
     if "optimizer" not in ds_config:
         # ZeRO-0 steps this optimizer bare: the guarded one skips non-finite steps (see there)

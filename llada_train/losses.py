@@ -40,6 +40,14 @@ class LossPart:
     ce_sum: torch.Tensor  # float32, detached, unweighted cross-entropy (what is logged)
     count: torch.Tensor  # int64, number of supervised positions
     num_correct: torch.Tensor  # int64, positions whose argmax equals x0
+    pad_ce_sum: torch.Tensor  # float32, detached: the cross-entropy of the EOS padding among them
+    pad_count: torch.Tensor  # int64, how many of the supervised positions are EOS padding
+    pad_num_correct: torch.Tensor  # int64, padding positions whose argmax is EOS
+
+
+STAT_FIELDS = (
+    "loss_sum", "ce_sum", "count", "num_correct", "pad_ce_sum", "pad_count", "pad_num_correct",
+)  # fmt: skip
 
 
 @dataclasses.dataclass
@@ -59,33 +67,58 @@ class LossTerms:
         return self.m2t.count + self.t2t.count + self.keep.count
 
     def stats(self) -> torch.Tensor:
-        """Detached float64 vector (12,): [loss_sum, ce_sum, count, num_correct] per part, in
-        PARTS order. Add it over micro-batches and all-reduce (sum) it, then `loss_metrics`."""
+        """Detached float64 vector (21,): the STAT_FIELDS of each part, in PARTS order. Add it
+        over micro-batches and all-reduce (sum) it, then `loss_metrics`."""
         values = [
             getattr(part, name).detach().double()
             for part in (self.m2t, self.t2t, self.keep)
-            for name in ("loss_sum", "ce_sum", "count", "num_correct")
+            for name in STAT_FIELDS
         ]
-        return torch.stack(values)  # (12,)
+        return torch.stack(values)  # (21,)
 
 
 def loss_metrics(stats: torch.Tensor) -> dict[str, float]:
     """Per-token figures from summed `LossTerms.stats()` vectors.
 
-    Keys per part p in PARTS: loss/p (weighted loss per token), ce/p (cross-entropy per token),
-    acc/p (argmax accuracy), tokens/p; plus loss/total, ce/total, acc/total, tokens/total.
-    A part with no token reports 0.0.
+    Keys per part p in PARTS and for "total": loss/p (weighted loss per token), ce/p
+    (cross-entropy per token), acc/p (argmax accuracy), tokens/p, over every supervised token;
+    and the same split into the response (ce/p/response, acc/p/response, tokens/p/response) and
+    the EOS padding after it (ce/p/pad, acc/p/pad, tokens/p/pad). The padding is trivially
+    predictable and, in short-answer SFT, most of the supervised positions: acc/m2t can read 0.9
+    while the answer tokens are at 0.3 (issue 17), so watch the /response figures.
+    A group with no token reports 0.0.
     """
-    per_part = stats.detach().double().cpu().view(len(PARTS), 4)  # (3, 4)
+    per_part = stats.detach().double().cpu().view(len(PARTS), len(STAT_FIELDS))  # (3, 7)
     rows = {**dict(zip(PARTS, per_part, strict=True)), "total": per_part.sum(0)}
     metrics: dict[str, float] = {}
-    for name, (loss_sum, ce_sum, count, num_correct) in rows.items():
+
+    def put(key: str, ce_sum, count, num_correct) -> None:
         denom = max(float(count), 1.0)
-        metrics[f"loss/{name}"] = float(loss_sum) / denom
-        metrics[f"ce/{name}"] = float(ce_sum) / denom
-        metrics[f"acc/{name}"] = float(num_correct) / denom
-        metrics[f"tokens/{name}"] = float(count)
+        metrics[f"ce/{key}"] = float(ce_sum) / denom
+        metrics[f"acc/{key}"] = float(num_correct) / denom
+        metrics[f"tokens/{key}"] = float(count)
+
+    for name, row in rows.items():
+        loss_sum, ce_sum, count, num_correct, pad_ce, pad_count, pad_correct = row
+        metrics[f"loss/{name}"] = float(loss_sum) / max(float(count), 1.0)
+        put(name, ce_sum, count, num_correct)
+        put(f"{name}/response", ce_sum - pad_ce, count - pad_count, num_correct - pad_correct)
+        put(f"{name}/pad", pad_ce, pad_count, pad_correct)
     return metrics
+
+
+def padding_positions(x0: torch.Tensor, eos_id: int) -> torch.Tensor:
+    """Bool (B, L): EOS padding, i.e. an EOS whose left neighbour is also EOS.
+
+    The first EOS after a response is the answer's own end (the model must learn where to stop)
+    and counts as response; every EOS after it is padding (`data.pipeline.build_sft_example`).
+    In CPT text an EOS separates documents and is never preceded by another, so nothing there
+    is padding. Used only to split the metrics (`loss_metrics`), never the loss.
+    """
+    is_eos = x0 == eos_id  # (B, L)
+    previous = torch.zeros_like(is_eos)
+    previous[:, 1:] = is_eos[:, :-1]
+    return is_eos & previous
 
 
 def diffusion_loss(
@@ -93,6 +126,7 @@ def diffusion_loss(
     x0: torch.Tensor,
     c: Corruption,
     weighting: str = "none",
+    is_pad: torch.Tensor | None = None,
 ) -> LossTerms:
     """Cross-entropy of logits (B, L, V) against x0 at the supervised positions of `c`.
 
@@ -108,6 +142,8 @@ def diffusion_loss(
     An example with t = 0 has no masked position, so 1/t is never evaluated on a term. A
     micro-batch with no supervised token returns zero sums that are still part of the graph
     (backward works and gives zero gradients, as every rank must run backward).
+    is_pad: optional bool (B, L) marking EOS padding (`padding_positions`); it only splits the
+    logged figures (pad_* sums) and leaves the loss unchanged. None: no position is padding.
     """
     if weighting not in WEIGHTINGS:
         raise ValueError(f"loss weighting must be one of {WEIGHTINGS}, got {weighting!r}")
@@ -128,13 +164,18 @@ def diffusion_loss(
         inv_t = 1.0 / c.t.to(ce.device, torch.float32)[idx[0]]  # (N,)
         weight = torch.where(is_m2t, inv_t, weight)
     weighted = ce * weight  # (N,)
+    pad = is_pad[idx] if is_pad is not None else torch.zeros_like(is_correct)  # (N,)
 
     def part(is_part: torch.Tensor) -> LossPart:
+        is_part_pad = is_part & pad
         return LossPart(
             loss_sum=(weighted * is_part).sum(),
             ce_sum=(ce.detach() * is_part).sum(),
             count=is_part.sum(),
             num_correct=(is_correct & is_part).sum(),
+            pad_ce_sum=(ce.detach() * is_part_pad).sum(),
+            pad_count=is_part_pad.sum(),
+            pad_num_correct=(is_correct & is_part_pad).sum(),
         )
 
     return LossTerms(m2t=part(is_m2t), t2t=part(c.is_noised[idx]), keep=part(c.is_kept[idx]))

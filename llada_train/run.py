@@ -293,16 +293,35 @@ class Run:
                 f, indent=2,
             )  # fmt: skip
 
-    def _smoke_generate(self, prompts: list[list[int]]):
-        """Decode `prompts` with the shared sampler (weights gathered once under ZeRO-3)."""
+    def _smoke_generate(self, prompts: list[list[int]], gen_length: int | None = None):
+        """Decode `prompts` with the shared sampler (weights gathered once under ZeRO-3) into
+        `gen_length` tokens (default checkpoint.smoke_gen_length); returns (texts, stats)."""
         s_cfg = sampler_config(self.cfg.sampler).replace(
-            gen_length=self.cfg.checkpoint.smoke_gen_length
+            gen_length=gen_length or self.cfg.checkpoint.smoke_gen_length
         )
         with decoding(self.model) as whole:
             sampler = Sampler(whole, self.ids.mask_id, self.ids.eos_id, s_cfg, self.info.device)
             out = sampler.generate(prompts)
         texts = [self.tokenizer.decode(t, skip_special_tokens=True) for t in out.tokens]
         return texts, out.stats
+
+    def heldout_check(self, questions: list[tuple[list[int], str]], step: int) -> dict:
+        """Exact match of the model on held-out `questions` (prompt ids, gold text), decoded by
+        the shared sampler with the run's sampler node and heldout.gen_length tokens; the
+        stripped completion must equal the gold. Returns {"heldout/exact_match",
+        "heldout/tpf"} (a collective under ZeRO-3: every rank enters and decodes the same
+        questions) and prints one line on rank 0. Issue 17: a monitor, not an evaluation (that
+        is lm-eval's job at the saves)."""
+        texts, stats = self._smoke_generate([p for p, _ in questions], self.cfg.heldout.gen_length)
+        right = sum(t.strip() == gold for t, (_, gold) in zip(texts, questions, strict=True))
+        figures = {"heldout/exact_match": right / len(questions), "heldout/tpf": stats.tpf}
+        if self.info.is_main:
+            print(
+                f"[step {step}] held-out exact match {right}/{len(questions)} "
+                f"(TPF {stats.tpf:.2f})",
+                flush=True,
+            )
+        return figures
 
     def _evaluate(self, path: str, step: int) -> None:
         """lm-eval of the checkpoint on rank 0 with the weights gathered once (a collective, so

@@ -39,6 +39,7 @@ from llada_train.data.pipeline import (
     GlobalBatches,
     choose_packing,
     load_cpt_examples,
+    load_heldout_questions,
     load_sft_examples,
 )
 from llada_train.distributed import (
@@ -55,6 +56,7 @@ from llada_train.losses import (
     load_balance_aux_loss,
     loss_metrics,
     micro_batch_loss,
+    padding_positions,
 )
 from llada_train.masks import training_inputs
 from llada_train.model.attention import resolve_backend
@@ -92,6 +94,17 @@ def check_config(cfg: DictConfig, task: str) -> None:
             f"data.max_length={cfg.data.max_length} is not a multiple of block_length="
             f"{cfg.block_length}: examples are padded (SFT) or cut (CPT) to whole blocks, so they "
             f"would exceed it; set data.max_length={fit} or another multiple"
+        )
+    h = cfg.heldout
+    if h.every < 0 or h.num_questions <= 0 or h.gen_length <= 0:
+        raise ValueError(
+            f"heldout.every={h.every} must be >= 0 (0 = off) and heldout.num_questions="
+            f"{h.num_questions}, heldout.gen_length={h.gen_length} positive"
+        )
+    if h.every > 0 and not h.files:
+        raise ValueError(
+            f"heldout.every={h.every} but heldout.files is empty: name a file of held-out chats, "
+            "e.g. heldout.files=[data/shipped/sft_eval.jsonl], or set heldout.every=0"
         )
     check_run(cfg)
 
@@ -223,6 +236,12 @@ def train(cfg: DictConfig, task: str) -> str:
     accumulation = batches.accumulation_steps
     ds_config = run.deepspeed_config(accumulation)
     prompts = smoke_prompts(tokenizer, task, chats)
+    h_cfg = cfg.heldout
+    heldout = (
+        load_heldout_questions(list(h_cfg.files), tokenizer, h_cfg.num_questions)
+        if h_cfg.every > 0 and h_cfg.files
+        else []
+    )
     engine = run.start(run.build_model(ds_config), ds_config, cfg.max_steps, prompts)
     model = run.model
     total, active = config.num_parameters()
@@ -281,7 +300,10 @@ def train(cfg: DictConfig, task: str) -> str:
         num_tokens, own_norm = 0, None
         for inputs in micro:
             logits = model_forward(engine, inputs.c.xt, inputs.x0, inputs.doc_ids, cfg.block_length)
-            terms = diffusion_loss(logits, inputs.x0, inputs.c, cfg.corruption.weighting)
+            is_pad = padding_positions(inputs.x0, ids.eos_id)  # splits the metrics only
+            terms = diffusion_loss(
+                logits, inputs.x0, inputs.c, cfg.corruption.weighting, is_pad=is_pad
+            )
             loss = micro_batch_loss(terms.total_sum, global_count, info.world_size, accumulation)
             if cfg.moe.aux_loss_coef > 0:
                 loss = loss + cfg.moe.aux_loss_coef * moe_aux_loss(model)
@@ -336,7 +358,9 @@ def train(cfg: DictConfig, task: str) -> str:
             metrics["moe/bias_abs_mean"] = float(
                 torch.stack([m.gate.expert_bias.abs().mean() for m in moe_layers]).mean()
             )
-        if run.should_log(step + 1):
+        if heldout and ((step + 1) % h_cfg.every == 0 or step + 1 == cfg.max_steps):
+            metrics.update(run.heldout_check(heldout, step + 1))
+        if run.should_log(step + 1) or "heldout/exact_match" in metrics:
             run.tracker.log(metrics, step=step + 1)
         bar.update(1)
         bar.set_postfix(loss=f"{metrics['loss/total']:.3f}", acc=f"{metrics['acc/total']:.2f}")

@@ -75,6 +75,34 @@ def test_sampler_ranges_and_block_length_owner_checked_at_launch():
     assert check_sampler(rl).block_length == 64
 
 
+def test_schedule_and_heldout_values_checked_at_launch():
+    from llada_train.config import check_run
+    from llada_train.train import check_config
+
+    with pytest.raises(ValueError, match=r"optim.decay_ratio=1.5 must lie in \[0, 1\]"):
+        check_run(_compose("sft", ["optim.decay_ratio=1.5"]))
+    with pytest.raises(ValueError, match="heldout.files is empty"):
+        check_config(_compose("sft", ["heldout.every=10"]), "sft")
+    with pytest.raises(ValueError, match="heldout.every=-1"):
+        check_config(_compose("sft", ["heldout.every=-1"]), "sft")
+
+
+def test_warmup_stable_decay_schedule_hand_values():
+    """1000 steps, 5% warmup (50 steps), decay over the last 30% (300 steps) to 0.1."""
+    from llada_train.distributed import lr_lambda
+
+    def wsd(step):
+        return lr_lambda(step, 1000, 0.05, 0.1, decay_ratio=0.3)
+
+    assert wsd(0) == pytest.approx(1 / 50) and wsd(49) == 1.0
+    assert wsd(50) == wsd(500) == wsd(699) == wsd(700) == 1.0  # stable until the decay starts
+    assert wsd(850) == pytest.approx(0.1 + 0.9 * 0.5)  # half-way down the cosine
+    assert wsd(1000) == pytest.approx(0.1)
+    # decay_ratio=1 is the plain warmup + cosine over every step after the warmup
+    assert lr_lambda(525, 1000, 0.05, 0.1) == pytest.approx(0.1 + 0.9 * 0.5)
+    assert lr_lambda(525, 1000, 0.05, 0.1, 1.0) == lr_lambda(525, 1000, 0.05, 0.1, 0.95)
+
+
 def test_enum_options_read_as_their_strings():
     cfg = _compose("sft", ["tracking.mode=disabled", "corruption.weighting=inv_t"])
     assert cfg.tracking.mode == "disabled" and f"{cfg.corruption.weighting}" == "inv_t"

@@ -15,6 +15,7 @@ from llada_train.losses import (
     load_balance_aux_loss,
     loss_metrics,
     micro_batch_loss,
+    padding_positions,
 )
 
 LN2, LN3, LN5 = math.log(2), math.log(3), math.log(5)
@@ -83,13 +84,39 @@ def test_loss_hand_case_inv_t_weights_m2t_only() -> None:
 def test_loss_metrics_from_stats() -> None:
     x0, logits, c = hand_case()
     stats = diffusion_loss(logits, x0, c, weighting="inv_t").stats()
-    assert stats.shape == (12,) and not stats.requires_grad
+    assert stats.shape == (21,) and not stats.requires_grad
     m = loss_metrics(stats + stats)  # e.g. summed over two micro-batches: same per-token figures
     assert m["loss/m2t"] == pytest.approx(math.log(2500) / 2)
     assert m["ce/m2t"] == pytest.approx(math.log(10) / 2)
     assert m["acc/m2t"] == 0.5 and m["acc/t2t"] == 0.0 and m["acc/keep"] == 1.0
     assert m["tokens/total"] == 8.0 and m["acc/total"] == 0.5
     assert m["ce/total"] == pytest.approx(math.log(200 / 3) / 4)
+
+
+def test_response_and_padding_figures_hand_case() -> None:
+    """The metrics split into response and EOS padding (issue 17 item 5); the loss is unchanged.
+    Marked as padding: ex0 pos1 (T2T, CE 2 ln2, wrong) and ex1 pos0 (M2T, CE ln5, wrong)."""
+    x0, logits, c = hand_case()
+    is_pad = torch.tensor([[False, True, False], [True, False, False]])
+    terms = diffusion_loss(logits, x0, c, weighting="none", is_pad=is_pad)
+    plain = diffusion_loss(logits, x0, c, weighting="none")
+    assert terms.total_sum.item() == pytest.approx(plain.total_sum.item())
+    m = loss_metrics(terms.stats())
+    assert m["tokens/m2t/response"] == 1.0 and m["acc/m2t/response"] == 1.0
+    assert m["ce/m2t/response"] == pytest.approx(LN2)
+    assert m["tokens/m2t/pad"] == 1.0 and m["acc/m2t/pad"] == 0.0
+    assert m["ce/m2t/pad"] == pytest.approx(LN5)
+    assert m["tokens/t2t/response"] == 0.0 and m["ce/t2t/pad"] == pytest.approx(2 * LN2)
+    assert m["tokens/total/response"] == 2.0 and m["acc/total/response"] == 1.0
+    assert m["ce/total/response"] == pytest.approx((LN2 + LN5 - LN3) / 2)
+    assert m["acc/m2t"] == 0.5  # the unsplit figure is unchanged
+
+
+def test_padding_positions() -> None:
+    """An EOS is padding only after another EOS: the answer's own EOS is response."""
+    x0 = torch.tensor([[5, 0, 0, 0], [0, 0, 7, 0]])
+    expected = torch.tensor([[False, False, True, True], [False, True, False, False]])
+    assert torch.equal(padding_positions(x0, eos_id=0), expected)
 
 
 def test_low_precision_logits_give_fp32_sums() -> None:

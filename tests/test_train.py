@@ -20,6 +20,7 @@ import time
 import pytest
 import torch
 
+from llada_train import DATA_DIR
 from llada_train.checkpoint import complete_checkpoints
 from llada_train.model.io import from_pretrained
 from llada_train.tracking import read_metrics
@@ -40,6 +41,10 @@ SMALL = [
     "tracking=disabled",
     "progress=false",
     "checkpoint.eval_every_saves=0",  # the background evaluation has a test of its own
+    f"heldout.files=[{os.path.join(DATA_DIR, 'shipped', 'sft_eval.jsonl')}]",
+    "heldout.every=2",  # the held-out check, also under ZeRO-3 with 2 processes (a collective)
+    "heldout.num_questions=3",
+    "heldout.gen_length=8",
 ]
 
 
@@ -77,8 +82,14 @@ def test_reference_run_learns_and_checkpoints(reference_run):
     assert len(values) == 4 and values[-1] < values[0]
     metrics = read_metrics(reference_run)[-1]
     for key in ("loss/m2t", "loss/t2t", "loss/keep", "acc/m2t", "lr", "grad_norm", "tokens_per_s",
-                "moe/max_load_ratio"):  # fmt: skip
+                "moe/max_load_ratio", "acc/m2t/response", "acc/m2t/pad", "ce/total/response",
+                "heldout/exact_match", "heldout/tpf"):  # fmt: skip
         assert key in metrics and metrics[key] == metrics[key], key  # present and not NaN
+    # the split adds up: response + padding = every supervised token
+    assert metrics["tokens/m2t/response"] + metrics["tokens/m2t/pad"] == metrics["tokens/m2t"]
+    assert metrics["tokens/m2t/pad"] > 0  # the shipped chats are mostly EOS padding
+    checked = [m["step"] for m in read_metrics(reference_run) if "heldout/exact_match" in m]
+    assert checked == [2, 4]
     steps = [s for s, _ in complete_checkpoints(os.path.join(reference_run, "checkpoints"))]
     assert steps == [2, 4]
     smoke = json.load(

@@ -228,6 +228,28 @@ def load_sft_examples(
     return examples, skipped
 
 
+def load_heldout_questions(
+    files: list[str], tokenizer, num_questions: int, fmt: str = "auto"
+) -> list[tuple[list[int], str]]:
+    """The first `num_questions` chats of `files` (any SFT format) as (prompt ids, gold text):
+    the prompt is every message before the last rendered with the generation prompt, exactly as
+    SFT lays it out (`build_sft_example`); the gold is the last (assistant) message, stripped.
+    Raises BadRecord naming the file and line of a bad record, ValueError when there is none."""
+    questions = []
+    for rec, origin in read_records(files):
+        messages = to_messages(rec, origin, fmt, None)
+        try:
+            prompt_ids, _ = encode_chat_spans(tokenizer, messages[:-1], add_generation_prompt=True)
+        except ValueError as e:  # the template's own check (an unknown role)
+            raise BadRecord(f"{origin}: {e}") from None
+        questions.append((prompt_ids, messages[-1]["content"].strip()))
+        if len(questions) == num_questions:
+            break
+    if not questions:
+        raise ValueError(f"heldout.files {files}: no chats; name a file of SFT chats")
+    return questions
+
+
 # ---------------------------------------------------------------------------- SFT packing
 PACK = ("auto", "always", "never")
 
