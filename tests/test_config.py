@@ -139,3 +139,34 @@ def test_no_library_module_imports_an_entry_point():
             bad = _imports(path, module) & ENTRY_POINTS
             offenders += [f"{module} imports {b}" for b in sorted(bad)]
     assert not offenders, offenders
+
+
+def test_tiny_sort_recipes_differ_from_tiny_only_in_data_and_folders():
+    """recipes/tiny_sort.yaml (SFT) and recipes/rl/tiny_sort.yaml inherit everything of their
+    tiny recipe (model, optimiser, schedule, batch), so a change to tiny moves both tasks."""
+    from omegaconf import OmegaConf
+
+    def plain(entry, recipe):
+        overrides = [f"+recipe={recipe}", *(["conf=ebpo"] if entry == "rl" else [])]
+        return OmegaConf.to_container(_compose(entry, overrides), resolve=True)
+
+    sort, tiny = plain("sft", "tiny_sort"), plain("sft", "tiny")
+    assert {k for k in sort if sort[k] != tiny[k]} == {"data", "checkpoint", "output_dir"}
+    assert sort["data"] == {
+        **tiny["data"],
+        "train_files": [os.path.join(llada_train.DATA_DIR, "shipped", "sort_sft_train.jsonl")],
+        "max_length": 64,
+    }
+    assert sort["checkpoint"] == {
+        **tiny["checkpoint"],
+        "eval": {"tasks": ["llada_sort"], "limit": 50},
+    }
+    rl_sort, rl_tiny = plain("rl", "tiny_sort"), plain("rl", "tiny")
+    assert {k for k in rl_sort if rl_sort[k] != rl_tiny[k]} == {"data", "init_from", "output_dir"}
+    shipped = os.path.join(llada_train.DATA_DIR, "shipped")
+    assert rl_sort["data"] == {
+        **rl_tiny["data"],
+        "train_files": [os.path.join(shipped, "sort_rl_train.jsonl")],
+        "eval_files": [os.path.join(shipped, "sort_rl_eval.jsonl")],
+    }
+    assert (rl_sort["init_from"], rl_sort["output_dir"]) == ("runs/sft_sort", "runs/rl_sort")

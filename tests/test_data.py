@@ -1,6 +1,7 @@
 """The shipped synthetic datasets: seeded determinism, the committed files are current, train and
-held-out files are disjoint, every answer is right (recomputed here from the text), and every code
-task's tests pass against its reference solution and fail against a wrong one."""
+held-out files are disjoint, every answer is right (recomputed here from the text), every code
+task's tests pass against its reference solution and fail against a wrong one, and the sorting
+chats have long answers and fit two 32-token blocks."""
 
 from __future__ import annotations
 
@@ -24,6 +25,15 @@ SHIPPED_FILES = [
     "rl_code_train.jsonl",
 ]
 EVAL_FILES = ["arith_gen.jsonl", "arith_mc.jsonl", "code_tasks.jsonl"]
+SORT_SHIPPED_FILES = [
+    "sort_sft_train.jsonl",
+    "sort_sft_eval.jsonl",
+    "sort_rl_train.jsonl",
+    "sort_rl_eval.jsonl",
+]
+SORT_EVAL_FILES = ["sort_gen.jsonl"]
+ALL_SHIPPED_FILES = SHIPPED_FILES + SORT_SHIPPED_FILES
+ALL_EVAL_FILES = EVAL_FILES + SORT_EVAL_FILES
 
 # A chain of integers joined by + followed by "= result": "45 + 89 = 134", and the column steps
 # "4 + 9 + 1 = 14". Only two-operand chains are problems; longer ones are digit steps.
@@ -34,8 +44,8 @@ EXPRESSION = re.compile(r"^\D*?(\d+) (\+) (\d+)\D*$")  # a question stating one 
 def _generate(root, seed: int) -> dict[str, list[dict]]:
     out, eval_out = os.path.join(root, "shipped"), os.path.join(root, "eval")
     generate.generate_all(out, eval_out, seed=seed)
-    return {name: _read(os.path.join(out, name)) for name in SHIPPED_FILES} | {
-        name: _read(os.path.join(eval_out, name)) for name in EVAL_FILES
+    return {name: _read(os.path.join(out, name)) for name in ALL_SHIPPED_FILES} | {
+        name: _read(os.path.join(eval_out, name)) for name in ALL_EVAL_FILES
     }
 
 
@@ -45,8 +55,8 @@ def _read(path: str) -> list[dict]:
 
 
 def _paths(root) -> dict[str, str]:
-    return {n: os.path.join(root, "shipped", n) for n in SHIPPED_FILES} | {
-        n: os.path.join(root, "eval", n) for n in EVAL_FILES
+    return {n: os.path.join(root, "shipped", n) for n in ALL_SHIPPED_FILES} | {
+        n: os.path.join(root, "eval", n) for n in ALL_EVAL_FILES
     }
 
 
@@ -61,8 +71,8 @@ def gen_root(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def shipped() -> dict[str, list[dict]]:
-    files = {name: _read(os.path.join(SHIPPED_DIR, name)) for name in SHIPPED_FILES}
-    return files | {name: _read(os.path.join(EVAL_DIR, name)) for name in EVAL_FILES}
+    files = {name: _read(os.path.join(SHIPPED_DIR, name)) for name in ALL_SHIPPED_FILES}
+    return files | {name: _read(os.path.join(EVAL_DIR, name)) for name in ALL_EVAL_FILES}
 
 
 def _key(op: str, a: int, b: int) -> tuple[str, int, int]:
@@ -138,8 +148,8 @@ def test_same_seed_same_bytes_other_seed_other_files(gen_root):
 def test_shipped_files_are_current(gen_root):
     # The committed files are what `python -m llada_train.data.synthetic` writes (seed 0).
     paths = _paths(gen_root["a"])
-    shipped_paths = {n: os.path.join(SHIPPED_DIR, n) for n in SHIPPED_FILES} | {
-        n: os.path.join(EVAL_DIR, n) for n in EVAL_FILES
+    shipped_paths = {n: os.path.join(SHIPPED_DIR, n) for n in ALL_SHIPPED_FILES} | {
+        n: os.path.join(EVAL_DIR, n) for n in ALL_EVAL_FILES
     }
     for name, path in paths.items():
         with open(path, "rb") as f, open(shipped_paths[name], "rb") as g:
@@ -278,3 +288,142 @@ def test_code_files_run_against_reference(shipped):
         for record in shipped[name]:
             assert f"`{record['entry_point']}(" in record["prompt"]
             _run(solutions[record["entry_point"]], record["tests"])
+
+
+# --- sorting --------------------------------------------------------------------------------------
+
+# A sorting question: one of the phrasings, a colon, six numbers apart by single spaces.
+SORT_QUESTION = re.compile(r"^([A-Za-z ]+): ((?:\d+ ){5}\d+)$")
+
+
+def _sort_question(text: str) -> tuple[str, list[int]]:
+    """(phrasing before the colon, the numbers in asked order) of a sorting question."""
+    match = SORT_QUESTION.match(text)
+    assert match, text
+    return match.group(1), [int(x) for x in match.group(2).split(" ")]
+
+
+def _sort_questions(files: dict[str, list[dict]], name: str) -> list[tuple[str, str]]:
+    """(question, gold answer) of every record of a sorting file."""
+    records = files[name]
+    if name.startswith("sort_sft"):
+        return [(r["messages"][0]["content"], r["messages"][1]["content"]) for r in records]
+    field = "question" if name == "sort_gen.jsonl" else "prompt"
+    return [(r[field], r["answer"]) for r in records]
+
+
+def _sort_split_keys(files: dict[str, list[dict]]) -> tuple[set, set]:
+    """(training multisets, held-out multisets) asked anywhere in the sorting files."""
+    train, heldout = set(), set()
+    for name in SORT_SHIPPED_FILES + SORT_EVAL_FILES:
+        keys = train if name.endswith("_train.jsonl") else heldout
+        for question, _ in _sort_questions(files, name):
+            keys.add(tuple(sorted(_sort_question(question)[1])))
+    return train, heldout
+
+
+def test_sort_sizes_and_schemas(shipped):
+    sizes = {
+        "sort_sft_train.jsonl": 20000,
+        "sort_sft_eval.jsonl": 200,
+        "sort_rl_train.jsonl": 2000,
+        "sort_rl_eval.jsonl": 200,
+        "sort_gen.jsonl": 200,
+    }
+    assert {name: len(shipped[name]) for name in sizes} == sizes
+    total = sum(os.path.getsize(os.path.join(SHIPPED_DIR, n)) for n in SORT_SHIPPED_FILES)
+    assert total + os.path.getsize(os.path.join(EVAL_DIR, "sort_gen.jsonl")) < 4_000_000
+    for name in ("sort_sft_train.jsonl", "sort_sft_eval.jsonl"):
+        for record in shipped[name]:
+            assert set(record) == {"messages"}, record
+            assert [m["role"] for m in record["messages"]] == ["user", "assistant"], record
+    for name in ("sort_rl_train.jsonl", "sort_rl_eval.jsonl"):
+        assert all(set(r) == {"prompt", "answer", "reward"} for r in shipped[name])
+        assert {r["reward"] for r in shipped[name]} == {"sort"}
+    assert all(set(r) == {"question", "answer"} for r in shipped["sort_gen.jsonl"])
+
+
+def test_sort_answers_are_the_sorted_questions(shipped):
+    phrasings = {t.split(":")[0] for t in generate.SORT_TEMPLATES}
+    num_repeats = 0
+    for name in SORT_SHIPPED_FILES + SORT_EVAL_FILES:
+        used = set()
+        for question, answer in _sort_questions(shipped, name):
+            phrasing, numbers = _sort_question(question)
+            used.add(phrasing)
+            assert len(numbers) == 6 and all(10 <= x <= 99 for x in numbers), question
+            assert answer == " ".join(str(x) for x in sorted(numbers)), (question, answer)
+            num_repeats += len(set(numbers)) < 6
+        # the eval file asks in the first phrasing only; the others use all three
+        assert used == ({"Sort these numbers"} if name == "sort_gen.jsonl" else phrasings), name
+    # repeats are allowed (~16% of lists: 1 - 90*89*88*87*86*85 / 90**6) and kept in the answer
+    num_lists = sum(len(shipped[n]) for n in SORT_SHIPPED_FILES + SORT_EVAL_FILES)
+    assert 0.13 < num_repeats / num_lists < 0.19
+
+
+def test_sort_train_and_heldout_lists_are_disjoint(shipped, gen_root):
+    train, heldout = _sort_split_keys(shipped)
+    assert len(train) > 20000 and len(heldout) > 200
+    assert not train & heldout
+    assert all(generate.is_heldout_sort(k) for k in heldout)
+    assert not any(generate.is_heldout_sort(k) for k in train)
+    # the split is a fixed hash of the multiset, not of the order or the seed
+    assert generate.is_heldout_sort((47, 12, 89, 33, 15, 71)) == generate.is_heldout_sort(
+        (12, 15, 33, 47, 71, 89)
+    )
+    other_train, other_heldout = _sort_split_keys(_generate(gen_root["c"], 1))
+    assert not train & other_heldout and not other_train & heldout
+    # held-out files hold each list once (every eval item counts once)
+    for name in ("sort_sft_eval.jsonl", "sort_rl_eval.jsonl", "sort_gen.jsonl"):
+        keys = [tuple(sorted(_sort_question(q)[1])) for q, _ in _sort_questions(shipped, name)]
+        assert len(keys) == len(set(keys)), name
+
+
+def test_sort_heldout_share_is_ten_percent():
+    import random
+
+    rng = random.Random(0)
+    lists = [[rng.randint(10, 99) for _ in range(6)] for _ in range(20000)]
+    share = sum(map(generate.is_heldout_sort, lists)) / len(lists)
+    assert 0.09 < share < 0.11, share
+
+
+def test_sort_chats_fit_two_blocks_with_long_answers(shipped):
+    """Every sorting answer is 17 tokens (each digit one token, each space one "Ġ"; >= 16 is
+    what the task is for) and every question's length is fixed by its phrasing (all 20,400 SFT
+    and RL texts, batch-encoded as `encode_text` encodes them). Then through the SFT pipeline
+    itself, on the held-out chats and the first 1,000 training ones: a chat is 64 tokens with
+    its padding (two 32-token blocks, data.max_length 64) and its prompt (32, 35 or 44 tokens
+    by phrasing) fills the first block, so the answer and its EOS lie whole in the second."""
+    from llada_train.data.pipeline import build_sft_example
+    from llada_train.tokenizer import encode_text, load_tokenizer, special_ids
+
+    tokenizer = load_tokenizer()
+    ids = special_ids(tokenizer)
+    assert tokenizer.convert_ids_to_tokens(encode_text(tokenizer, "12 15 33 47 71 89")) == [
+        "1", "2", "Ġ", "1", "5", "Ġ", "3", "3", "Ġ", "4", "7", "Ġ", "7", "1", "Ġ", "8", "9"
+    ]  # fmt: skip
+    pairs = [p for name in SORT_SHIPPED_FILES for p in _sort_questions(shipped, name)]
+    questions, answers = zip(*pairs, strict=True)
+
+    def lengths(texts):
+        out = tokenizer(list(texts), add_special_tokens=False, split_special_tokens=True)
+        return [len(x) for x in out["input_ids"]]
+
+    assert set(lengths(answers)) == {17}
+    by_phrasing: dict[str, set[int]] = {}
+    for question, length in zip(questions, lengths(questions), strict=True):
+        by_phrasing.setdefault(_sort_question(question)[0], set()).add(length)
+    assert sorted(map(len, by_phrasing.values())) == [1, 1, 1], by_phrasing
+    prompt_lengths = set()
+    sft = [("sort_sft_eval.jsonl", shipped["sort_sft_eval.jsonl"])]
+    sft.append(("sort_sft_train.jsonl", shipped["sort_sft_train.jsonl"][:1000]))
+    for name, records in sft:
+        for i, record in enumerate(records):
+            example = build_sft_example(record, f"{name}:{i + 1}", tokenizer, ids, 64, 32, True)
+            answer = encode_text(tokenizer, record["messages"][1]["content"])
+            prompt_length = example.maskable.index(True)
+            assert len(example.input_ids) == 64, record
+            assert example.input_ids[prompt_length : prompt_length + 18] == answer + [ids.eos_id]
+            prompt_lengths.add(prompt_length)
+    assert prompt_lengths == {32, 35, 44}  # the longest chat: 44 + 17 + EOS = 62 tokens

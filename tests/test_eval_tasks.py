@@ -1,7 +1,9 @@
 """The benchmark-format offline tasks (eval/tasks/llada_humaneval.yaml, llada_gsm8k.yaml): their
 wiring through lm-eval scores an oracle exactly, they are scored by the RL rewards, and records
 in the public benchmarks' own formats (HumanEval, GSM8K, MATH-500, Hendrycks MATH) score too.
-The shipped data is the held-out data in those formats (scripts/benchmark_format_data.py)."""
+The shipped data is the held-out data in those formats (scripts/benchmark_format_data.py).
+The sorting task (eval/tasks/llada_sort.yaml) likewise: an oracle scores exactly through lm-eval,
+its metric is the RL sort reward, and its data is the generator's held-out lists."""
 
 from __future__ import annotations
 
@@ -171,3 +173,70 @@ def test_pointing_a_task_at_a_full_benchmark_file(tmp_path):
     )
     assert raw["results"]["humaneval_full"]["pass@1,none"] == 1.0
     assert raw["n-samples"]["humaneval_full"]["effective"] == 1
+
+
+# ---------------------------------------------------------------------------------------------
+# Sorting (eval/tasks/llada_sort.yaml)
+# ---------------------------------------------------------------------------------------------
+
+
+def _sort_oracle(correct: bool):
+    """The gold list (correct) or the gold list in descending order (wrong)."""
+    from lm_eval.api.model import LM
+
+    class Oracle(LM):
+        def generate_until(self, requests, disable_tqdm=False):
+            if correct:
+                return [r.doc["answer"] for r in requests]
+            return [" ".join(r.doc["answer"].split(" ")[::-1]) for r in requests]
+
+        def loglikelihood(self, requests, disable_tqdm=False):
+            raise NotImplementedError
+
+        def loglikelihood_rolling(self, requests, disable_tqdm=False):
+            raise NotImplementedError
+
+    return Oracle()
+
+
+@pytest.mark.parametrize("correct", [True, False])
+def test_sort_task_scores_an_oracle_exactly(correct):
+    import lm_eval
+    from lm_eval.tasks import TaskManager
+
+    raw = lm_eval.simple_evaluate(
+        model=_sort_oracle(correct),
+        tasks=["llada_sort"],
+        limit=8,
+        task_manager=TaskManager(include_path=TASKS_DIR, include_defaults=False),
+        log_samples=False,
+        bootstrap_iters=0,
+    )
+    assert raw["results"]["llada_sort"]["exact_match,none"] == (1.0 if correct else 0.0)
+    assert raw["n-samples"]["llada_sort"]["effective"] == 8
+
+
+def test_sort_metric_is_the_sort_reward():
+    utils = _utils()
+    doc = {"question": "Sort these numbers: 47 12 89 33 15 71", "answer": "12 15 33 47 71 89"}
+    assert utils.process_sort(doc, ["12 15 33 47 71 89"]) == {"exact_match": 1.0}
+    assert utils.process_sort(doc, ["Sorted: 12, 15, 33, 47, 71, 89."]) == {"exact_match": 1.0}
+    assert utils.process_sort(doc, ["12 15 33 47 89 71"]) == {"exact_match": 0.0}
+    assert utils.process_sort(doc, ["12 15 33 47 71"]) == {"exact_match": 0.0}
+
+
+def test_shipped_sort_data_is_the_generators_heldout_lists():
+    """Every record is a held-out list asked in the first phrasing, with its sorted answer, and
+    the lists differ from each other (as multisets)."""
+    from llada_train.data import synthetic
+
+    docs = _utils().load_jsonl({"test": "../data/sort_gen.jsonl"})["test"]
+    assert len(docs) == synthetic.NUM_SORT_GEN
+    keys = set()
+    for doc in docs:
+        numbers = [int(x) for x in doc["question"].split(": ")[1].split(" ")]
+        assert doc["question"] == synthetic.sort_question(numbers)
+        assert doc["answer"] == " ".join(map(str, sorted(numbers)))
+        assert synthetic.is_heldout_sort(numbers)
+        keys.add(synthetic.sort_key(numbers))
+    assert len(keys) == len(docs)

@@ -23,6 +23,7 @@ from llada_train.rl.rewards import (
     math_reward,
     score,
     score_batch,
+    sort_reward,
 )
 
 
@@ -221,6 +222,62 @@ def test_format_reward_code():
     record = {"entry_point": "f", "tests": "assert f() == 1", "reward": "code"}
     assert format_reward("```python\ndef f():\n    return 1\n```", record) == 1.0
     assert format_reward("def f():\n    return 1", record) == 0.0
+
+
+# ---------------------------------------------------------------------------------------------
+# Sorting
+# ---------------------------------------------------------------------------------------------
+
+SORT_GOLD = "12 15 33 47 71 89"  # for "Sort these numbers: 47 12 89 33 15 71"
+SORT_CASES = [
+    ("12 15 33 47 71 89", 1.0, "right: the shipped answer form"),
+    ("12, 15, 33, 47, 71, 89", 1.0, "separators are not numbers"),
+    ("[12, 15, 33, 47, 71, 89]", 1.0, "brackets are not numbers"),
+    ("The sorted list is 12 15 33 47 71 89.", 1.0, "extra words around the list are ignored"),
+    ("12 15 33 47 71 89.0", 1.0, "numbers compare by value"),
+    ("\\boxed{12, 15, 33, 47, 71, 89}", 1.0, "a marked answer is read (the math extraction)"),
+    ("47 12 89 33 15 71\n#### 12 15 33 47 71 89", 1.0, "the marked answer wins over the text"),
+    ("12 15 33 71 47 89", 0.0, "wrong order (two swapped)"),
+    ("89 71 47 33 15 12", 0.0, "descending"),
+    ("47 12 89 33 15 71", 0.0, "the question's order"),
+    ("12 15 33 47 71", 0.0, "a number missing"),
+    ("12 15 33 47 71 89 90", 0.0, "an extra number"),
+    ("12 15 33 47 71 89 89", 0.0, "a number repeated"),
+    ("All 6 numbers: 12 15 33 47 71 89", 0.0, "extra text holding a number"),
+    ("12 15 33 47 71 88", 0.0, "a wrong number"),
+    ("1215 33 47 71 89", 0.0, "two numbers run together are one number"),
+    ("12 15 33 47 71 -89", 0.0, "a sign changes the value"),
+    ("12 15 33\n#### 47 71 89", 0.0, "only the marked answer is read"),
+    ("", 0.0, "empty"),
+]
+
+
+@pytest.mark.parametrize("completion, expected, reason", SORT_CASES)
+def test_sort_reward(completion, expected, reason):
+    assert sort_reward(completion, {"answer": SORT_GOLD}) == expected, reason
+
+
+def test_sort_reward_keeps_repeats():
+    assert sort_reward("57 57 63 70 82 89", {"answer": "57 57 63 70 82 89"}) == 1.0
+    assert sort_reward("57 63 70 82 89", {"answer": "57 57 63 70 82 89"}) == 0.0
+
+
+def test_sort_gold_without_numbers_is_a_record_error():
+    with pytest.raises(ValueError, match="holds no number"):
+        sort_reward("12", {"answer": "twelve"})
+    assert score("sort", "12", {"answer": ""}).error.startswith("sort: ValueError")
+
+
+def test_sort_reward_on_shipped_records():
+    records = _records("data/shipped/sort_rl_train.jsonl")[:20]
+    records += _records("data/shipped/sort_rl_eval.jsonl")[:20]
+    for record in records:
+        asked = record["prompt"].split(": ")[1]
+        assert sort_reward(record["answer"], record) == 1.0
+        assert sort_reward(" ".join(record["answer"].split()[::-1]), record) == 0.0
+        assert sort_reward(asked, record) == (1.0 if asked == record["answer"] else 0.0)
+    values, num_errors = score_batch(None, [r["answer"] for r in records], records)
+    assert (sum(values), num_errors) == (len(records), 0)  # the records name the reward "sort"
 
 
 # ---------------------------------------------------------------------------------------------

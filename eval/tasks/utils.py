@@ -10,8 +10,9 @@ Contract:
 - Scores come from the one answer checker per task shared with RL (`llada_train.rl.rewards`):
   `process_arith_gen` and `process_math` -> exact_match = the math reward (math-verify's
   extraction and equivalence); `process_code` -> pass@1 = the code reward (the completion's
-  code against the record's tests in the sandbox; our records and HumanEval's). A reward that
-  fails scores 0 (rewards.score never raises).
+  code against the record's tests in the sandbox; our records and HumanEval's); `process_sort`
+  -> exact_match = the sort reward (the answer's numbers, in order, are the gold list). A reward
+  that fails scores 0 (rewards.score never raises).
 """
 
 from __future__ import annotations
@@ -58,3 +59,9 @@ def process_code(doc: dict, results: list[str]) -> dict[str, float]:
     """pass@1: 1.0 iff the completion's code passes the record's tests in the sandbox (the code
     reward; our {"tests"} records and HumanEval's {"prompt", "test", "entry_point"} alike)."""
     return {"pass@1": score("code", results[0], doc).value}
+
+
+def process_sort(doc: dict, results: list[str]) -> dict[str, float]:
+    """exact_match: 1.0 iff the completion's numbers, in order, are doc["answer"]'s (the sort
+    reward: "12 15 33 47 71 89" for "Sort these numbers: 47 12 89 33 15 71")."""
+    return {"exact_match": score("sort", results[0], {"answer": doc["answer"]}).value}

@@ -12,12 +12,21 @@ Contract:
     eval_dir/arith_gen.jsonl     {"question", "answer"}: exact-match generation
     eval_dir/arith_mc.jsonl      {"question", "choices", "gold"}: log-likelihood multiple choice
     eval_dir/code_tasks.jsonl    {"prompt", "entry_point", "tests"}
+  and the sorting task (long answers whose tokens depend on each other), kept apart in its own
+  files so that the addition files and the tokenizer corpus do not change:
+    out_dir/sort_sft_train.jsonl {"messages"}: "Sort these numbers: 47 12 89 33 15 71" ->
+    out_dir/sort_sft_eval.jsonl    "12 15 33 47 71 89", in three phrasings (`SORT_TEMPLATES`)
+    out_dir/sort_rl_train.jsonl  {"prompt", "answer", "reward": "sort"}: the same questions
+    out_dir/sort_rl_eval.jsonl
+    eval_dir/sort_gen.jsonl      {"question", "answer"}: exact-match generation
 - Same seed -> byte-identical files; another seed -> other samples.
 - Held-out files (`*_eval`, `eval_dir/*`) are disjoint from training files (CPT, SFT train, RL
   train) **by construction, independent of the seed**: an arithmetic problem (op, a, b) and a
   code task (its entry point) belong to the held-out split iff a fixed hash says so
   (`is_heldout_problem`, `is_heldout_code_task`), and training files draw only from the other
   split. Commutative problems are keyed in canonical order, so "456 + 123" never leaks "123 + 456".
+  A sorting problem is keyed by its sorted multiset (`sort_key`), so no order of a held-out list
+  appears in a training file (`is_heldout_sort`).
   The working steps of the column method only ever contain digit-sized operands, outside the
   problem range, so they can never state a held-out problem either.
 - Problems are 2-digit additions, a + b with 10 <= a, b <= 99, and the chats answer them directly.
@@ -26,6 +35,13 @@ Contract:
   after CPT 300 + SFT 1,500 steps), while 2-digit direct addition reaches a clearly non-zero
   held-out accuracy in ~1,500 SFT steps. The problem table (`OPERAND_RANGES`) is one place to
   widen for bigger models.
+- Sorting problems: `SORT_LENGTH` = 6 numbers drawn independently and uniformly from 10..99
+  (repeats allowed: ~16% of lists hold a repeated number, which the answer repeats); the answer is
+  the numbers in ascending order joined by single spaces. With the shipped tokenizer every digit
+  is one token and every space before a digit is one token ("Ġ"), so every answer is exactly 17
+  tokens (18 with EOS), every prompt 32-44 tokens (the chat template's generation prompt
+  included) and every chat 50-62 tokens: prompt + answer + EOS fit two 32-token blocks
+  (data.max_length 64) and the answer with its EOS lies whole in the second block.
 - `code_tasks()` holds every code task with its reference solution (the files do not carry it).
 
 CLI: `python -m llada_train.data.synthetic [--out data/shipped] [--eval-out eval/data] [--seed 0]`.
@@ -58,6 +74,11 @@ NUM_RL_MATH_TRAIN = 2000
 NUM_RL_MATH_EVAL = 200
 NUM_ARITH_GEN = 200
 NUM_ARITH_MC = 200
+NUM_SORT_SFT_TRAIN = 20000  # 1,000 steps of batch 64 see each chat ~3 times
+NUM_SORT_SFT_EVAL = 200
+NUM_SORT_RL_TRAIN = 2000
+NUM_SORT_RL_EVAL = 200
+NUM_SORT_GEN = 200
 
 HELDOUT_PERCENT_PROBLEMS = 10
 HELDOUT_PERCENT_CODE = 20
@@ -180,6 +201,66 @@ def word_problem(rng: random.Random, op: str, a: int, b: int) -> str:
     template = rng.choice(WORD_TEMPLATES[op])
     item = rng.choice(ITEMS)
     return template.format(name=name, Pron=pron.capitalize(), item=item, a=a, b=b)
+
+
+# ---------------------------------------------------------------------------------------------
+# Sorting problems
+# ---------------------------------------------------------------------------------------------
+
+SORT_LENGTH = 6  # numbers per list
+SORT_RANGE = (10, 99)  # inclusive; 2-digit numbers, so every answer has the same token count
+SORT_TEMPLATES = [
+    "Sort these numbers: {numbers}",
+    "Sort from smallest to largest: {numbers}",
+    "Put these numbers in order from smallest to largest: {numbers}",
+]
+SORT_EVAL_TEMPLATE = SORT_TEMPLATES[0]  # the lm-eval file asks in the first phrasing only
+
+
+def sort_key(numbers: tuple[int, ...] | list[int]) -> tuple[int, ...]:
+    """Canonical identity of a sorting problem: its multiset, as a sorted tuple (any order of
+    the same numbers is the same problem)."""
+    return tuple(sorted(numbers))
+
+
+def is_heldout_sort(numbers: tuple[int, ...] | list[int]) -> bool:
+    """Whether a list belongs to the held-out split: a fixed hash of its sorted multiset, the
+    same `HELDOUT_PERCENT_PROBLEMS` share as the additions, whatever the seed."""
+    key = " ".join(map(str, sort_key(numbers)))
+    return _stable_percent("sort:" + key) < HELDOUT_PERCENT_PROBLEMS
+
+
+def sort_answer(numbers: tuple[int, ...] | list[int]) -> str:
+    """The gold answer: the numbers in ascending order (repeats kept), single spaces."""
+    return " ".join(map(str, sort_key(numbers)))
+
+
+def sample_sort_problem(rng: random.Random, heldout: bool) -> tuple[int, ...]:
+    """SORT_LENGTH numbers in the order they are asked, from the requested split (rejection)."""
+    lo, hi = SORT_RANGE
+    while True:
+        numbers = tuple(rng.randint(lo, hi) for _ in range(SORT_LENGTH))
+        if is_heldout_sort(numbers) == heldout:
+            return numbers
+
+
+def sample_unique_sort_problems(
+    rng: random.Random, heldout: bool, count: int
+) -> list[tuple[int, ...]]:
+    """`count` lists with distinct multisets from one split."""
+    problems, seen = [], set()
+    for _ in range(count * 100):
+        numbers = sample_sort_problem(rng, heldout)
+        if sort_key(numbers) not in seen:
+            seen.add(sort_key(numbers))
+            problems.append(numbers)
+            if len(problems) == count:
+                return problems
+    raise RuntimeError(f"could not draw {count} distinct lists; lower the count")
+
+
+def sort_question(numbers: tuple[int, ...] | list[int], template: str = SORT_EVAL_TEMPLATE) -> str:
+    return template.format(numbers=" ".join(map(str, numbers)))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -498,6 +579,42 @@ def make_code_eval(rng: random.Random, tasks: list[CodeTask]) -> list[dict]:
     return records
 
 
+def make_sort_sft(rng: random.Random, num: int, heldout: bool) -> list[dict]:
+    """Sorting chats in the three phrasings; unique lists (by multiset) for the held-out split.
+    Every chat fits two 32-token blocks (see the module docstring)."""
+    problems = (
+        sample_unique_sort_problems(rng, heldout=True, count=num)
+        if heldout
+        else [sample_sort_problem(rng, heldout=False) for _ in range(num)]
+    )
+    return [
+        {
+            "messages": [
+                {"role": "user", "content": sort_question(xs, rng.choice(SORT_TEMPLATES))},
+                {"role": "assistant", "content": sort_answer(xs)},
+            ]
+        }
+        for xs in problems
+    ]
+
+
+def make_sort_rl(rng: random.Random, num: int, heldout: bool) -> list[dict]:
+    problems = sample_unique_sort_problems(rng, heldout=heldout, count=num)
+    return [
+        {
+            "prompt": sort_question(xs, rng.choice(SORT_TEMPLATES)),
+            "answer": sort_answer(xs),
+            "reward": "sort",
+        }
+        for xs in problems
+    ]
+
+
+def make_sort_gen(rng: random.Random) -> list[dict]:
+    problems = sample_unique_sort_problems(rng, heldout=True, count=NUM_SORT_GEN)
+    return [{"question": sort_question(xs), "answer": sort_answer(xs)} for xs in problems]
+
+
 def write_jsonl(path: str, records: list[dict]) -> None:
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     with open(path, "w", encoding="utf-8", newline="\n") as f:
@@ -534,6 +651,19 @@ def generate_all(
         os.path.join(eval_dir, "arith_gen.jsonl"): make_arith_gen(rng("arith_gen")),
         os.path.join(eval_dir, "arith_mc.jsonl"): make_arith_mc(rng("arith_mc")),
         os.path.join(eval_dir, "code_tasks.jsonl"): make_code_eval(rng("code_eval"), heldout_code),
+        os.path.join(out_dir, "sort_sft_train.jsonl"): make_sort_sft(
+            rng("sort_sft_train"), NUM_SORT_SFT_TRAIN, heldout=False
+        ),
+        os.path.join(out_dir, "sort_sft_eval.jsonl"): make_sort_sft(
+            rng("sort_sft_eval"), NUM_SORT_SFT_EVAL, heldout=True
+        ),
+        os.path.join(out_dir, "sort_rl_train.jsonl"): make_sort_rl(
+            rng("sort_rl_train"), NUM_SORT_RL_TRAIN, heldout=False
+        ),
+        os.path.join(out_dir, "sort_rl_eval.jsonl"): make_sort_rl(
+            rng("sort_rl_eval"), NUM_SORT_RL_EVAL, heldout=True
+        ),
+        os.path.join(eval_dir, "sort_gen.jsonl"): make_sort_gen(rng("sort_gen")),
     }
     for path, records in files.items():
         write_jsonl(path, records)

@@ -30,6 +30,13 @@ Contract:
   returned by the entry point). Records: ours {"prompt", "entry_point", "tests" (asserts)} or
   HumanEval's {"prompt" (code), "entry_point", "test" (defines `check(candidate)`)}; see
   `code_program`.
+- `sort_reward`: 1.0 iff the numbers of the completion's answer, in order, are the numbers of
+  example["answer"] (the shipped sorting task: "12 15 33 47 71 89"). The answer read is the
+  math reward's marked answer (`extract_answer`: the last \\boxed{...}, else the rest of the last
+  `####` line), else the whole completion. Numbers are the maximal runs of ASCII digits, with an
+  optional leading "-" and decimal part, compared by value (so "12.0" is 12); all other text
+  (words, commas, brackets) is ignored. A missing, extra, repeated or misplaced number scores 0.
+  A gold answer without a number is a bad record: ValueError (an error in `score`).
 - `format_reward`: 1.0 iff the completion gives its answer the expected way: a non-empty
   `\\boxed{...}` or `#### ...` for math, a fenced code block for code records.
 - `score` / `score_batch` never raise on a failing reward: a reward that raises (or, in a batch,
@@ -52,6 +59,7 @@ import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import dataclass
+from decimal import Decimal
 
 from llada_train.rl.sandbox import run_python
 
@@ -72,6 +80,7 @@ _BOXED = re.compile(r"\\(?:boxed|fbox)\s*\{")
 _FENCED = re.compile(r"```[ \t]*([\w+-]*)[^\n]*\n(.*?)```", re.DOTALL)
 _OPEN_FENCE = re.compile(r"```[ \t]*(?:python3?|py)?[ \t]*\n")
 _PYTHON_LANGS = ("python", "python3", "py")
+_NUMBER = re.compile(r"-?[0-9]+(?:\.[0-9]+)?")  # sort reward: "12", "-3", "12.0"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -291,6 +300,28 @@ def math_reward(completion: str, example: dict) -> float:
 
 
 # ---------------------------------------------------------------------------------------------
+# Sorting
+# ---------------------------------------------------------------------------------------------
+
+
+def read_numbers(text: str) -> list[Decimal]:
+    """The numbers of a text in order of appearance: maximal runs of ASCII digits with an
+    optional leading "-" and decimal part ("a: 12, -3 and 4.50" -> [12, -3, 4.5] by value)."""
+    return [Decimal(m) for m in _NUMBER.findall(text)]
+
+
+def sort_reward(completion: str, example: dict) -> float:
+    """1.0 iff the numbers of the completion's answer are exactly example["answer"]'s, in the
+    same order (see the module docstring: the marked answer if any, else the whole text; text
+    other than numbers is ignored). Raises ValueError for a gold answer without a number."""
+    gold = read_numbers(str(example["answer"]))
+    if not gold:
+        raise ValueError(f"gold answer {example['answer']!r} holds no number: write the list")
+    marked = extract_answer(completion)
+    return 1.0 if read_numbers(completion if marked is None else marked) == gold else 0.0
+
+
+# ---------------------------------------------------------------------------------------------
 # Code
 # ---------------------------------------------------------------------------------------------
 
@@ -376,6 +407,7 @@ def format_reward(completion: str, example: dict) -> float:
 REWARDS: dict[str, RewardFn] = {
     "math": math_reward,
     "code": code_reward,
+    "sort": sort_reward,
     "format": format_reward,
 }
 
