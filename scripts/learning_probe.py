@@ -1,12 +1,14 @@
 """Exact match of every checkpoint of an SFT run on held-out and training questions.
 
-    python scripts/learning_probe.py RUN_DIR [--n 200]
+    python scripts/learning_probe.py RUN_DIR [--n 200] [--task addition|sort]
 
 For each `RUN_DIR/checkpoints/step_*/hf` export: the first `--n` questions of the shipped
-held-out chats (data/shipped/sft_eval.jsonl) and of the training chats (sft_train.jsonl), decoded
-greedily by the shared sampler (Quality preset, 32 tokens, chat template), exact match of the
-stripped answer. Prints one JSON line per checkpoint and writes RUN_DIR/probe.json. Held-out
-close to train means the model under-fits rather than memorises (issue 17).
+held-out chats (data/shipped/sft_eval.jsonl, or sort_sft_eval.jsonl with --task sort) and of the
+training chats (sft_train.jsonl / sort_sft_train.jsonl), decoded greedily by the shared sampler
+(Quality preset, 32 tokens, the run's block length, chat template): exact match of the stripped
+answer, and the held-out accuracy per place (addition: units, tens, hundreds digit; sorting: the
+k-th number). Prints one JSON line per checkpoint and writes RUN_DIR/probe.json. Held-out close
+to train means the model under-fits rather than memorises (issue 17).
 """
 
 from __future__ import annotations
@@ -35,33 +37,57 @@ def questions(path: str, n: int) -> list[tuple[str, str]]:
     return pairs
 
 
+def place_accuracy(answers: list[str], golds: list[str]) -> list[float]:
+    """Per-place accuracy of decoded answers: for a spaced gold (sorting) the k-th number, else
+    the k-th character from the right (addition: units, tens, hundreds). Place k counts only
+    questions whose gold has it."""
+    spaced = all(" " in g for g in golds)
+    split = (lambda s: s.split()) if spaced else (lambda s: list(reversed(s)))  # noqa: E731
+    places = max(len(split(g)) for g in golds)
+    acc = []
+    for k in range(places):
+        pairs = [(split(a), split(g)) for a, g in zip(answers, golds, strict=True)]
+        pairs = [(a, g) for a, g in pairs if k < len(g)]
+        acc.append(round(sum(k < len(a) and a[k] == g[k] for a, g in pairs) / len(pairs), 3))
+    return acc
+
+
 @torch.no_grad()
-def exact_match(model, tokenizer, pairs: list[tuple[str, str]]) -> tuple[float, float]:
+def exact_match(model, tokenizer, pairs: list[tuple[str, str]], block_length: int = 32):
+    """(exact match, TPF, per-place accuracy) of greedy Quality-preset answers."""
     ids = special_ids(tokenizer)
     prompts = [encode_prompt(tokenizer, q, None, True) for q, _ in pairs]
-    config = SamplerConfig.from_preset("quality", gen_length=32)
+    config = SamplerConfig.from_preset("quality", gen_length=32, block_length=block_length)
     out = Sampler(model, ids.mask_id, ids.eos_id, config).generate(prompts)
     answers = [tokenizer.decode(t, skip_special_tokens=True).strip() for t in out.tokens]
     hits = sum(a == gold for a, (_, gold) in zip(answers, pairs, strict=True))
-    return hits / len(pairs), out.stats.tpf
+    places = place_accuracy(answers, [g for _, g in pairs])
+    return hits / len(pairs), out.stats.tpf, places
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("run_dir")
     parser.add_argument("--n", type=int, default=200)
+    parser.add_argument("--task", choices=("addition", "sort"), default="addition")
     args = parser.parse_args()
+    prefix = "" if args.task == "addition" else "sort_"
     torch.set_num_threads(max(1, torch.get_num_threads()))
     tokenizer = load_tokenizer()
-    heldout = questions(os.path.join(DATA_DIR, "shipped", "sft_eval.jsonl"), args.n)
-    train = questions(os.path.join(DATA_DIR, "shipped", "sft_train.jsonl"), args.n)
+    heldout = questions(os.path.join(DATA_DIR, "shipped", f"{prefix}sft_eval.jsonl"), args.n)
+    train = questions(os.path.join(DATA_DIR, "shipped", f"{prefix}sft_train.jsonl"), args.n)
     rows = []
     for hf in sorted(glob.glob(os.path.join(args.run_dir, "checkpoints", "step_*", "hf"))):
         step = int(os.path.basename(os.path.dirname(hf)).removeprefix("step_"))
         model = from_pretrained(hf).eval()
-        heldout_em, tpf = exact_match(model, tokenizer, heldout)
-        train_em, _ = exact_match(model, tokenizer, train)
-        rows.append({"step": step, "heldout_em": heldout_em, "train_em": train_em, "tpf": tpf})
+        facts_path = os.path.join(hf, "llada_train.json")  # the block length the run trained
+        block = json.load(open(facts_path))["block_length"] if os.path.exists(facts_path) else 32
+        heldout_em, tpf, places = exact_match(model, tokenizer, heldout, block)
+        train_em, _, _ = exact_match(model, tokenizer, train, block)
+        rows.append(
+            {"step": step, "heldout_em": heldout_em, "train_em": train_em, "tpf": tpf,
+             "heldout_place_acc": places}
+        )  # fmt: skip
         print(json.dumps(rows[-1]), flush=True)
     with open(os.path.join(args.run_dir, "probe.json"), "w") as f:
         json.dump(rows, f, indent=1)

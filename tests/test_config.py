@@ -143,7 +143,8 @@ def test_no_library_module_imports_an_entry_point():
 
 def test_tiny_sort_recipes_differ_from_tiny_only_in_data_and_folders():
     """recipes/tiny_sort.yaml (SFT) and recipes/rl/tiny_sort.yaml inherit everything of their
-    tiny recipe (model, optimiser, schedule, batch), so a change to tiny moves both tasks."""
+    tiny recipe (model, optimiser, schedule, batch), so a change to tiny moves both tasks; only
+    the data, folders and block_length 64 (one block per chat) differ."""
     from omegaconf import OmegaConf
 
     def plain(entry, recipe):
@@ -151,7 +152,10 @@ def test_tiny_sort_recipes_differ_from_tiny_only_in_data_and_folders():
         return OmegaConf.to_container(_compose(entry, overrides), resolve=True)
 
     sort, tiny = plain("sft", "tiny_sort"), plain("sft", "tiny")
-    assert {k for k in sort if sort[k] != tiny[k]} == {"data", "checkpoint", "output_dir"}
+    changed = {"data", "checkpoint", "output_dir", "block_length", "sampler"}
+    assert {k for k in sort if sort[k] != tiny[k]} == changed
+    assert sort["block_length"] == sort["sampler"]["block_length"] == 64
+    assert {**sort["sampler"], "block_length": 32} == tiny["sampler"]
     assert sort["data"] == {
         **tiny["data"],
         "train_files": [os.path.join(llada_train.DATA_DIR, "shipped", "sort_sft_train.jsonl")],
@@ -162,7 +166,9 @@ def test_tiny_sort_recipes_differ_from_tiny_only_in_data_and_folders():
         "eval": {"tasks": ["llada_sort"], "limit": 50},
     }
     rl_sort, rl_tiny = plain("rl", "tiny_sort"), plain("rl", "tiny")
-    assert {k for k in rl_sort if rl_sort[k] != rl_tiny[k]} == {"data", "init_from", "output_dir"}
+    changed = {"data", "init_from", "output_dir", "block_length", "sampler"}
+    assert {k for k in rl_sort if rl_sort[k] != rl_tiny[k]} == changed
+    assert rl_sort["block_length"] == rl_sort["sampler"]["block_length"] == 64
     shipped = os.path.join(llada_train.DATA_DIR, "shipped")
     assert rl_sort["data"] == {
         **rl_tiny["data"],
