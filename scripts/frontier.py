@@ -1,16 +1,23 @@
 """The LLaDA2.1 speed/quality claim at small scale: mask-only vs mask + T2T-noise training.
 
-Trains two tiny models identically except for the corruption (`corruption=mask_only`: M2T only,
-the LLaDA2.0 recipe; `corruption=sft`: M2T + random-token noise + keep supervision, the LLaDA2.1
-ingredient), then decodes the held-out arithmetic questions (eval/data/arith_gen.jsonl) with the
-shared sampler over a sweep of mask thresholds, with T2T editing on (editing threshold 0, the
-Speed mode's) and off, and records exact-match accuracy and tokens per forward (TPF). Writes
-`<out>/frontier.json`, `<out>/frontier.md` (the table) and `<out>/frontier.png` (the plot).
+Trains tiny models identically except for the corruption (`corruption=mask_only`: M2T only, the
+LLaDA2.0 recipe; `corruption=sft`: M2T + random-token noise + keep supervision, the LLaDA2.1
+ingredient), one pair per seed, then decodes the task's held-out questions with the shared
+sampler over a sweep of mask thresholds with T2T editing off and on (editing threshold 0, the
+Speed mode's), plus the Quality and Speed presets themselves (conf/sampler/quality.yaml,
+speed.yaml), and records exact match and tokens per forward (TPF). Across seeds every row gets
+mean and standard deviation. Writes `<out>/frontier.json` (every seed's rows), `<out>/frontier.md`
+(the table, mean +- std) and `<out>/frontier.png` (the plot, error bars = std over seeds).
 
-    python scripts/frontier.py --out results/frontier                    # ~20 min on 2 cores
-    python scripts/frontier.py --skip-training --out results/frontier    # re-sweep existing runs
+    python scripts/frontier.py --task sort --seeds 0 1 2 --out results/frontier_sort
+    python scripts/frontier.py --task addition --out results/frontier     # the first study
+    python scripts/frontier.py --skip-training ...                         # re-sweep the runs
 
-Seeds: training seed 0 (corruption, data order, init), decoding temperature 0 (deterministic).
+Tasks: `sort` (recipes/tiny_sort.yaml, eval/data/sort_gen.jsonl: 17-token answers whose tokens
+depend on each other, where parallel decoding can go wrong) and `addition` (recipes/tiny.yaml,
+eval/data/arith_gen.jsonl: 2-3 token answers). Runs land in `<out>/seed<S>/<variant>`; an
+existing finished run is reused (resume=auto). Decoding is greedy (temperature 0), so a re-sweep
+of the same checkpoints reproduces its rows exactly.
 """
 
 from __future__ import annotations
@@ -18,66 +25,113 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
 
 from llada_train import REPO_ROOT
 from llada_train.checkpoint import resolve_model_dir
 from llada_train.model.io import from_pretrained
-from llada_train.rl.rewards import math_reward
-from llada_train.sampler import Sampler, SamplerConfig
+from llada_train.rl.rewards import math_reward, sort_reward
+from llada_train.sampler import PRESETS, Sampler, SamplerConfig
 from llada_train.tokenizer import encode_prompt, load_tokenizer, special_ids
 
 VARIANTS = {"mask_only": "corruption=mask_only", "mask_noise": "corruption=sft"}
 THRESHOLDS = [0.95, 0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3]
+TASKS = {  # recipe, held-out questions, checker (the reward the RL loop and lm-eval task use)
+    "addition": ("tiny", "eval/data/arith_gen.jsonl", math_reward),
+    "sort": ("tiny_sort", "eval/data/sort_gen.jsonl", sort_reward),
+}
 
 
-def train(out: str, steps: int | None, extra: list[str]) -> None:
+def train(out: str, task: str, seed: int, steps: int | None, extra: list[str]) -> None:
     for name, corruption in VARIANTS.items():
-        cmd = [sys.executable, "-m", "llada_train.sft", "+recipe=tiny", corruption,
-               f"output_dir={out}/{name}", "tracking=disabled", "checkpoint.smoke_prompts=0",
-               "checkpoint.eval_every_saves=0",
+        cmd = [sys.executable, "-m", "llada_train.sft", f"+recipe={TASKS[task][0]}", corruption,
+               f"seed={seed}", f"output_dir={out}/seed{seed}/{name}", "tracking=disabled",
+               "progress=false", "checkpoint.smoke_prompts=0", "checkpoint.eval_every_saves=0",
                *([f"max_steps={steps}"] if steps else []), *extra]  # fmt: skip
         print("+", " ".join(cmd), flush=True)
         subprocess.run(cmd, check=True)
 
 
-def sweep(out: str, limit: int, gen_length: int) -> list[dict]:
-    records = [
-        json.loads(line) for line in open(os.path.join(REPO_ROOT, "eval/data/arith_gen.jsonl"))
-    ]
-    records = records[:limit]
+def decode_settings() -> list[tuple[str, dict]]:
+    """(label, SamplerConfig fields): the threshold sweep with editing off and at 0, then the
+    Q and S presets as they ship."""
+    settings = [
+        (f"sweep, editing {'on' if e is not None else 'off'}",
+         {"threshold": t, "editing_threshold": e})
+        for e in (None, 0.0) for t in THRESHOLDS
+    ]  # fmt: skip
+    for name, label in (("quality", "Q preset"), ("speed", "S preset")):
+        p = PRESETS[name]
+        settings.append(
+            (label, {"threshold": p.threshold, "editing_threshold": p.editing_threshold})
+        )
+    return settings
+
+
+def sweep(out: str, task: str, seed: int, limit: int, gen_length: int) -> list[dict]:
+    path = os.path.join(REPO_ROOT, TASKS[task][1])
+    records = [json.loads(line) for line in open(path)][:limit]
+    check = TASKS[task][2]
     rows = []
     for name in VARIANTS:
-        model_dir = resolve_model_dir(os.path.join(out, name))
+        model_dir = resolve_model_dir(os.path.join(out, f"seed{seed}", name))
         model, tokenizer = from_pretrained(model_dir), load_tokenizer(model_dir)
+        facts = json.load(open(os.path.join(model_dir, "llada_train.json")))
         ids = special_ids(tokenizer)
         prompts = [encode_prompt(tokenizer, r["question"], None, True) for r in records]
-        for editing in (None, 0.0):
-            for threshold in THRESHOLDS:
-                config = SamplerConfig(
-                    threshold=threshold, editing_threshold=editing, gen_length=gen_length
-                )
-                result = Sampler(model, ids.mask_id, ids.eos_id, config).generate(prompts)
-                texts = [tokenizer.decode(t, skip_special_tokens=True) for t in result.tokens]
-                correct = sum(
-                    math_reward(t, r) for t, r in zip(texts, records, strict=True)
-                )  # the checker of llada_arith_gen and of the RL math reward
-                row = {"model": name, "editing": editing is not None, "threshold": threshold,
-                       "accuracy": correct / len(records), "tpf": result.stats.tpf,
-                       "tokens_per_s": result.stats.tokens_per_s}  # fmt: skip
-                rows.append(row)
-                print(json.dumps(row), flush=True)
+        for label, fields in decode_settings():
+            config = SamplerConfig(
+                **fields, gen_length=gen_length, block_length=facts["block_length"]
+            )
+            result = Sampler(model, ids.mask_id, ids.eos_id, config).generate(prompts)
+            texts = [tokenizer.decode(t, skip_special_tokens=True) for t in result.tokens]
+            correct = sum(check(t, r) for t, r in zip(texts, records, strict=True))
+            row = {"task": task, "seed": seed, "model": name, "setting": label,
+                   "editing": fields["editing_threshold"] is not None,
+                   "editing_threshold": fields["editing_threshold"],
+                   "threshold": fields["threshold"], "accuracy": correct / len(records),
+                   "tpf": result.stats.tpf}  # fmt: skip
+            rows.append(row)
+            print(json.dumps(row), flush=True)
     return rows
+
+
+def aggregate(rows: list[dict]) -> list[dict]:
+    """Mean and std (population, over seeds) of accuracy and TPF per (model, setting, threshold)."""
+    groups: dict[tuple, list[dict]] = {}
+    for r in rows:
+        groups.setdefault((r["model"], r["setting"], r["threshold"]), []).append(r)
+    table = []
+    for (model, setting, threshold), rs in groups.items():
+        acc, tpf = [r["accuracy"] for r in rs], [r["tpf"] for r in rs]
+        table.append({"model": model, "setting": setting, "threshold": threshold,
+                      "editing": rs[0]["editing"], "seeds": len(rs),
+                      "accuracy_mean": statistics.fmean(acc),
+                      "accuracy_std": statistics.pstdev(acc),
+                      "tpf_mean": statistics.fmean(tpf),
+                      "tpf_std": statistics.pstdev(tpf)})  # fmt: skip
+    return table
 
 
 def write_report(rows: list[dict], out: str) -> None:
     with open(os.path.join(out, "frontier.json"), "w") as f:
-        json.dump(rows, f, indent=2)
-    lines = ["| model | editing | threshold | accuracy | TPF |", "|---|---|---|---|---|"]
-    for r in rows:
-        lines.append(f"| {r['model']} | {'on (0.0)' if r['editing'] else 'off'} | {r['threshold']} "
-                     f"| {r['accuracy']:.3f} | {r['tpf']:.2f} |")  # fmt: skip
+        json.dump(rows, f, indent=1)
+    table = aggregate(rows)
+    seeds = sorted({r["seed"] for r in rows})
+    lines = [
+        f"Seeds {seeds}; mean +- std over seeds (population std; 0 with one seed).",
+        "",
+        "| model | setting | threshold | accuracy | TPF |",
+        "|---|---|---|---|---|",
+    ]
+    for r in table:
+        lines.append(
+            f"| {r['model']} | {r['setting']} | {r['threshold']} | "
+            f"{r['accuracy_mean']:.3f} +- {r['accuracy_std']:.3f} | "
+            f"{r['tpf_mean']:.2f} +- {r['tpf_std']:.2f} |"
+        )
     with open(os.path.join(out, "frontier.md"), "w") as f:
         f.write("\n".join(lines) + "\n")
     try:
@@ -88,32 +142,45 @@ def write_report(rows: list[dict], out: str) -> None:
     except ImportError:
         print("matplotlib is not installed: table written, plot skipped (pip install matplotlib)")
         return
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig, ax = plt.subplots(figsize=(7, 4.5))
     for name in VARIANTS:
         for editing, style in ((False, "--"), (True, "-")):
-            pts = [r for r in rows if r["model"] == name and r["editing"] == editing]
-            ax.plot([r["tpf"] for r in pts], [r["accuracy"] for r in pts], style, marker="o",
-                    label=f"{name}, editing {'on' if editing else 'off'}")  # fmt: skip
+            label = f"sweep, editing {'on' if editing else 'off'}"
+            pts = [r for r in table if r["model"] == name and r["setting"] == label]
+            ax.errorbar([r["tpf_mean"] for r in pts], [r["accuracy_mean"] for r in pts],
+                        xerr=[r["tpf_std"] for r in pts], yerr=[r["accuracy_std"] for r in pts],
+                        fmt=style, marker="o", capsize=2,
+                        label=f"{name}, editing {'on' if editing else 'off'}")  # fmt: skip
+        for preset, marker in (("Q preset", "s"), ("S preset", "*")):
+            (p,) = [r for r in table if r["model"] == name and r["setting"] == preset]
+            ax.errorbar(p["tpf_mean"], p["accuracy_mean"], xerr=p["tpf_std"],
+                        yerr=p["accuracy_std"], fmt=marker, markersize=11, capsize=2,
+                        label=f"{name}, {preset}")  # fmt: skip
     ax.set_xlabel("tokens per forward (lower threshold ->)")
-    ax.set_ylabel("exact match, held-out arithmetic")
-    ax.legend()
+    ax.set_ylabel(f"exact match, held-out ({rows[0]['task']})")
+    ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(os.path.join(out, "frontier.png"), dpi=120)
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--out", default="results/frontier")
+    p.add_argument("--out", default="results/frontier_sort")
+    p.add_argument("--task", choices=sorted(TASKS), default="sort")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0])
     p.add_argument("--steps", type=int, default=None, help="SFT steps (default: the recipe's)")
     p.add_argument("--limit", type=int, default=200, help="held-out questions")
     p.add_argument("--gen-length", type=int, default=32)
     p.add_argument("--skip-training", action="store_true")
-    p.add_argument("overrides", nargs="*", help="extra Hydra overrides for both trainings")
+    p.add_argument("overrides", nargs="*", help="extra Hydra overrides for every training")
     args = p.parse_args()
     os.makedirs(args.out, exist_ok=True)
-    if not args.skip_training:
-        train(args.out, args.steps, args.overrides)
-    write_report(sweep(args.out, args.limit, args.gen_length), args.out)
+    rows = []
+    for seed in args.seeds:
+        if not args.skip_training:
+            train(args.out, args.task, seed, args.steps, args.overrides)
+        rows += sweep(args.out, args.task, seed, args.limit, args.gen_length)
+    write_report(rows, args.out)
 
 
 if __name__ == "__main__":

@@ -144,7 +144,7 @@ def test_no_library_module_imports_an_entry_point():
 def test_tiny_sort_recipes_differ_from_tiny_only_in_data_and_folders():
     """recipes/tiny_sort.yaml (SFT) and recipes/rl/tiny_sort.yaml inherit everything of their
     tiny recipe (model, optimiser, schedule, batch), so a change to tiny moves both tasks; only
-    the data, folders and block_length 64 (one block per chat) differ."""
+    the data (and held-out check), folders and block_length 64 (one block per chat) differ."""
     from omegaconf import OmegaConf
 
     def plain(entry, recipe):
@@ -152,8 +152,12 @@ def test_tiny_sort_recipes_differ_from_tiny_only_in_data_and_folders():
         return OmegaConf.to_container(_compose(entry, overrides), resolve=True)
 
     sort, tiny = plain("sft", "tiny_sort"), plain("sft", "tiny")
-    changed = {"data", "checkpoint", "output_dir", "block_length", "sampler"}
+    changed = {"data", "checkpoint", "output_dir", "block_length", "sampler", "heldout"}
     assert {k for k in sort if sort[k] != tiny[k]} == changed
+    assert sort["heldout"] == {
+        **tiny["heldout"],
+        "files": [os.path.join(llada_train.DATA_DIR, "shipped", "sort_sft_eval.jsonl")],
+    }
     assert sort["block_length"] == sort["sampler"]["block_length"] == 64
     assert {**sort["sampler"], "block_length": 32} == tiny["sampler"]
     assert sort["data"] == {
