@@ -44,8 +44,11 @@ TASKS = {  # recipe, held-out questions, checker (the reward the RL loop and lm-
 }
 
 
-def train(out: str, task: str, seed: int, steps: int | None, extra: list[str]) -> None:
-    for name, corruption in VARIANTS.items():
+def train(
+    out: str, task: str, seed: int, steps: int | None, extra: list[str], variants: list[str]
+) -> None:
+    for name in variants:
+        corruption = VARIANTS[name]
         cmd = [sys.executable, "-m", "llada_train.sft", f"+recipe={TASKS[task][0]}", corruption,
                f"seed={seed}", f"output_dir={out}/seed{seed}/{name}", "tracking=disabled",
                "progress=false", "checkpoint.smoke_prompts=0", "checkpoint.eval_every_saves=0",
@@ -63,19 +66,20 @@ def decode_settings() -> list[tuple[str, dict]]:
         for e in (None, 0.0) for t in THRESHOLDS
     ]  # fmt: skip
     for name, label in (("quality", "Q preset"), ("speed", "S preset")):
-        p = PRESETS[name]
-        settings.append(
-            (label, {"threshold": p.threshold, "editing_threshold": p.editing_threshold})
-        )
+        threshold, editing, post = PRESETS[name]  # (threshold, editing_threshold, max_post_steps)
+        fields = {"threshold": threshold, "editing_threshold": editing, "max_post_steps": post}
+        settings.append((label, fields))
     return settings
 
 
-def sweep(out: str, task: str, seed: int, limit: int, gen_length: int) -> list[dict]:
+def sweep(
+    out: str, task: str, seed: int, limit: int, gen_length: int, variants: list[str]
+) -> list[dict]:
     path = os.path.join(REPO_ROOT, TASKS[task][1])
     records = [json.loads(line) for line in open(path)][:limit]
     check = TASKS[task][2]
     rows = []
-    for name in VARIANTS:
+    for name in variants:
         model_dir = resolve_model_dir(os.path.join(out, f"seed{seed}", name))
         model, tokenizer = from_pretrained(model_dir), load_tokenizer(model_dir)
         facts = json.load(open(os.path.join(model_dir, "llada_train.json")))
@@ -143,7 +147,7 @@ def write_report(rows: list[dict], out: str) -> None:
         print("matplotlib is not installed: table written, plot skipped (pip install matplotlib)")
         return
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    for name in VARIANTS:
+    for name in sorted({r["model"] for r in table}):
         for editing, style in ((False, "--"), (True, "-")):
             label = f"sweep, editing {'on' if editing else 'off'}"
             pts = [r for r in table if r["model"] == name and r["setting"] == label]
@@ -171,6 +175,7 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=None, help="SFT steps (default: the recipe's)")
     p.add_argument("--limit", type=int, default=200, help="held-out questions")
     p.add_argument("--gen-length", type=int, default=32)
+    p.add_argument("--variants", nargs="+", choices=sorted(VARIANTS), default=list(VARIANTS))
     p.add_argument("--skip-training", action="store_true")
     p.add_argument("overrides", nargs="*", help="extra Hydra overrides for every training")
     args = p.parse_args()
@@ -178,8 +183,8 @@ def main() -> None:
     rows = []
     for seed in args.seeds:
         if not args.skip_training:
-            train(args.out, args.task, seed, args.steps, args.overrides)
-        rows += sweep(args.out, args.task, seed, args.limit, args.gen_length)
+            train(args.out, args.task, seed, args.steps, args.overrides, args.variants)
+        rows += sweep(args.out, args.task, seed, args.limit, args.gen_length, args.variants)
     write_report(rows, args.out)
 
 
