@@ -372,8 +372,8 @@ def register_schemas() -> None:
 
 def check_run(cfg: Any) -> SamplerConfig:
     """The launch checks every training loop (SFT, CPT, RL) shares, before any work: attention
-    backend, `deepspeed.*`, `lora.*`, the schedule ratios of `optim.*`, and the sampler (`check_sampler`, returned). ValueError
-    naming the key to change."""
+    backend, `deepspeed.*`, `lora.*`, the schedule ratios of `optim.*`, and the sampler
+    (`check_sampler`, returned). ValueError naming the key to change."""
     from llada_train.distributed import check_deepspeed
     from llada_train.lora import check_lora
     from llada_train.model.attention import BACKENDS
