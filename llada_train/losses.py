@@ -85,7 +85,8 @@ def loss_metrics(stats: torch.Tensor) -> dict[str, float]:
     and the same split into the response (ce/p/response, acc/p/response, tokens/p/response) and
     the EOS padding after it (ce/p/pad, acc/p/pad, tokens/p/pad). The padding is trivially
     predictable and, in short-answer SFT, most of the supervised positions: acc/m2t can read 0.9
-    while the answer tokens are at 0.3 (issue 17), so watch the /response figures.
+    while the answer tokens are at 0.3 (issue 17), so watch the /response figures. The split
+    reports the unweighted cross-entropy (the trained loss itself with weighting "none").
     A group with no token reports 0.0.
     """
     per_part = stats.detach().double().cpu().view(len(PARTS), len(STAT_FIELDS))  # (3, 7)

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import resource
 import time
 from dataclasses import dataclass
@@ -96,16 +97,22 @@ def check_config(cfg: DictConfig, task: str) -> None:
             f"would exceed it; set data.max_length={fit} or another multiple"
         )
     h = cfg.heldout
-    if h.every < 0 or h.num_questions <= 0 or h.gen_length <= 0:
-        raise ValueError(
-            f"heldout.every={h.every} must be >= 0 (0 = off) and heldout.num_questions="
-            f"{h.num_questions}, heldout.gen_length={h.gen_length} positive"
-        )
+    if h.every < 0:
+        raise ValueError(f"heldout.every={h.every} must be >= 0 (0 = no held-out check)")
+    for key in ("num_questions", "gen_length"):
+        if h[key] <= 0:
+            raise ValueError(f"heldout.{key}={h[key]} must be positive")
     if h.every > 0 and not h.files:
         raise ValueError(
             f"heldout.every={h.every} but heldout.files is empty: name a file of held-out chats, "
             "e.g. heldout.files=[data/shipped/sft_eval.jsonl], or set heldout.every=0"
         )
+    for path in h.files if h.every > 0 else []:
+        if not os.path.isfile(path):
+            raise ValueError(
+                f"heldout.files: {path} does not exist; name a file of held-out chats "
+                "(.jsonl, .json or .parquet) or set heldout.every=0"
+            )
     check_run(cfg)
 
 
@@ -238,7 +245,9 @@ def train(cfg: DictConfig, task: str) -> str:
     prompts = smoke_prompts(tokenizer, task, chats)
     h_cfg = cfg.heldout
     heldout = (
-        load_heldout_questions(list(h_cfg.files), tokenizer, h_cfg.num_questions)
+        load_heldout_questions(
+            list(h_cfg.files), tokenizer, h_cfg.num_questions, cfg.data.format, cfg.data.field
+        )
         if h_cfg.every > 0 and h_cfg.files
         else []
     )

@@ -47,6 +47,8 @@ TASKS = {  # recipe, held-out questions, checker (the reward the RL loop and lm-
 def train(
     out: str, task: str, seed: int, steps: int | None, extra: list[str], variants: list[str]
 ) -> None:
+    if any(o.split("=")[0].lstrip("+") == "seed" for o in extra):
+        raise SystemExit("pass seeds with --seeds, not as a seed= override (runs are seed<S>/)")
     for name in variants:
         corruption = VARIANTS[name]
         cmd = [sys.executable, "-m", "llada_train.sft", f"+recipe={TASKS[task][0]}", corruption,

@@ -85,6 +85,11 @@ def test_schedule_and_heldout_values_checked_at_launch():
         check_config(_compose("sft", ["heldout.every=10"]), "sft")
     with pytest.raises(ValueError, match="heldout.every=-1"):
         check_config(_compose("sft", ["heldout.every=-1"]), "sft")
+    with pytest.raises(ValueError, match="heldout.num_questions=0 must be positive"):
+        check_config(_compose("sft", ["heldout.num_questions=0"]), "sft")
+    with pytest.raises(ValueError, match="heldout.files: /nope/held.jsonl does not exist"):
+        missing = ["heldout.every=5", "heldout.files=[/nope/held.jsonl]"]
+        check_config(_compose("sft", missing), "sft")
 
 
 def test_warmup_stable_decay_schedule_hand_values():

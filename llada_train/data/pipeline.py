@@ -229,15 +229,16 @@ def load_sft_examples(
 
 
 def load_heldout_questions(
-    files: list[str], tokenizer, num_questions: int, fmt: str = "auto"
+    files: list[str], tokenizer, num_questions: int, fmt: str = "auto", field: str | None = None
 ) -> list[tuple[list[int], str]]:
     """The first `num_questions` chats of `files` (any SFT format) as (prompt ids, gold text):
     the prompt is every message before the last rendered with the generation prompt, exactly as
     SFT lays it out (`build_sft_example`); the gold is the last (assistant) message, stripped.
+    `fmt` and `field` are the training data's (`data.format`, `data.field`).
     Raises BadRecord naming the file and line of a bad record, ValueError when there is none."""
     questions = []
     for rec, origin in read_records(files):
-        messages = to_messages(rec, origin, fmt, None)
+        messages = to_messages(rec, origin, fmt, field)
         try:
             prompt_ids, _ = encode_chat_spans(tokenizer, messages[:-1], add_generation_prompt=True)
         except ValueError as e:  # the template's own check (an unknown role)

@@ -40,8 +40,9 @@ Contract:
   the numbers in ascending order joined by single spaces. With the shipped tokenizer every digit
   is one token and every space before a digit is one token ("Ġ"), so every answer is exactly 17
   tokens (18 with EOS), every prompt 32-44 tokens (the chat template's generation prompt
-  included) and every chat 50-62 tokens: prompt + answer + EOS fit two 32-token blocks
-  (data.max_length 64) and the answer with its EOS lies whole in the second block.
+  included) and every chat 50-62 tokens: prompt + answer + EOS fit one 64-token block (what
+  recipes/tiny_sort.yaml trains with) or two 32-token blocks, the answer with its EOS then whole
+  in the second block.
 - `code_tasks()` holds every code task with its reference solution (the files do not carry it).
 
 CLI: `python -m llada_train.data.synthetic [--out data/shipped] [--eval-out eval/data] [--seed 0]`.
@@ -74,7 +75,7 @@ NUM_RL_MATH_TRAIN = 2000
 NUM_RL_MATH_EVAL = 200
 NUM_ARITH_GEN = 200
 NUM_ARITH_MC = 200
-NUM_SORT_SFT_TRAIN = 20000  # 1,000 steps of batch 64 see each chat ~3 times
+NUM_SORT_SFT_TRAIN = 20000  # the tiny recipe's 1,500 steps of batch 64 see each chat ~5 times
 NUM_SORT_SFT_EVAL = 200
 NUM_SORT_RL_TRAIN = 2000
 NUM_SORT_RL_EVAL = 200
@@ -581,7 +582,7 @@ def make_code_eval(rng: random.Random, tasks: list[CodeTask]) -> list[dict]:
 
 def make_sort_sft(rng: random.Random, num: int, heldout: bool) -> list[dict]:
     """Sorting chats in the three phrasings; unique lists (by multiset) for the held-out split.
-    Every chat fits two 32-token blocks (see the module docstring)."""
+    Every chat fits one 64-token block (see the module docstring)."""
     problems = (
         sample_unique_sort_problems(rng, heldout=True, count=num)
         if heldout
