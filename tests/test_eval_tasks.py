@@ -26,8 +26,14 @@ def _utils():
     return utils
 
 
-def _oracle(correct: bool):
-    """Answers from the document: the reference solution (code) or the gold solution (math)."""
+def _reverse_list(doc: dict) -> str:
+    """A wrong sorting answer: the gold list in descending order."""
+    return " ".join(doc["answer"].split(" ")[::-1])
+
+
+def _oracle(correct: bool, wrong=lambda doc: "#### -1"):
+    """Answers from the document: the reference solution (code) or the gold answer (math,
+    sorting); when not `correct`, a failing body (code) or `wrong(doc)`."""
     from lm_eval.api.model import LM
 
     class Oracle(LM):
@@ -39,7 +45,7 @@ def _oracle(correct: bool):
                     body = doc["canonical_solution"] if correct else "    return None\n"
                     out.append(f"Here it is:\n```python\n{doc['prompt']}{body}```")
                 else:
-                    out.append(doc["answer"] if correct else "#### -1")
+                    out.append(doc["answer"] if correct else wrong(doc))
             return out
 
         def loglikelihood(self, requests, disable_tqdm=False):
@@ -180,32 +186,13 @@ def test_pointing_a_task_at_a_full_benchmark_file(tmp_path):
 # ---------------------------------------------------------------------------------------------
 
 
-def _sort_oracle(correct: bool):
-    """The gold list (correct) or the gold list in descending order (wrong)."""
-    from lm_eval.api.model import LM
-
-    class Oracle(LM):
-        def generate_until(self, requests, disable_tqdm=False):
-            if correct:
-                return [r.doc["answer"] for r in requests]
-            return [" ".join(r.doc["answer"].split(" ")[::-1]) for r in requests]
-
-        def loglikelihood(self, requests, disable_tqdm=False):
-            raise NotImplementedError
-
-        def loglikelihood_rolling(self, requests, disable_tqdm=False):
-            raise NotImplementedError
-
-    return Oracle()
-
-
 @pytest.mark.parametrize("correct", [True, False])
 def test_sort_task_scores_an_oracle_exactly(correct):
     import lm_eval
     from lm_eval.tasks import TaskManager
 
     raw = lm_eval.simple_evaluate(
-        model=_sort_oracle(correct),
+        model=_oracle(correct, wrong=_reverse_list),
         tasks=["llada_sort"],
         limit=8,
         task_manager=TaskManager(include_path=TASKS_DIR, include_defaults=False),
