@@ -210,11 +210,20 @@ class Run:
             )
 
     # ------------------------------------------------------------------ checkpoint policy
+    def _due(self, step: int, every: int) -> bool:
+        """Whether a periodic action runs after optimizer step `step`: every `every` steps and at
+        the last one."""
+        return step % every == 0 or step == self.cfg.max_steps
+
     def should_log(self, step: int) -> bool:
-        return step % self.cfg.tracking.log_every == 0 or step == self.cfg.max_steps
+        return self._due(step, self.cfg.tracking.log_every)
 
     def should_save(self, step: int) -> bool:
-        return step % self.cfg.checkpoint.save_every == 0 or step == self.cfg.max_steps
+        return self._due(step, self.cfg.checkpoint.save_every)
+
+    def should_check_heldout(self, step: int) -> bool:
+        every = self.cfg.heldout.every  # 0: off
+        return every > 0 and self._due(step, every)
 
     def save(self, step: int) -> str:
         """Save `step` (module docstring), then its evaluation hooks; returns the path."""

@@ -243,12 +243,12 @@ def train(cfg: DictConfig, task: str) -> str:
     accumulation = batches.accumulation_steps
     ds_config = run.deepspeed_config(accumulation)
     prompts = smoke_prompts(tokenizer, task, chats)
-    h_cfg = cfg.heldout
+    h_cfg = cfg.heldout  # check_config: files are named whenever every > 0
     heldout = (
         load_heldout_questions(
             list(h_cfg.files), tokenizer, h_cfg.num_questions, cfg.data.format, cfg.data.field
         )
-        if h_cfg.every > 0 and h_cfg.files
+        if h_cfg.every > 0
         else []
     )
     engine = run.start(run.build_model(ds_config), ds_config, cfg.max_steps, prompts)
@@ -367,7 +367,7 @@ def train(cfg: DictConfig, task: str) -> str:
             metrics["moe/bias_abs_mean"] = float(
                 torch.stack([m.gate.expert_bias.abs().mean() for m in moe_layers]).mean()
             )
-        if heldout and ((step + 1) % h_cfg.every == 0 or step + 1 == cfg.max_steps):
+        if run.should_check_heldout(step + 1):
             metrics.update(run.heldout_check(heldout, step + 1))
         if run.should_log(step + 1) or "heldout/exact_match" in metrics:
             run.tracker.log(metrics, step=step + 1)

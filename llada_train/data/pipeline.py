@@ -140,6 +140,16 @@ def _read_file(path: str) -> Iterator[tuple[dict, str]]:
 
 
 # ---------------------------------------------------------------------------- SFT
+def _prompt_spans(tokenizer, messages: list[dict], origin: str):
+    """(prompt ids, spans): every message before the last rendered by the chat template with
+    the generation prompt (`tokenizer.encode_chat_spans`). Raises BadRecord naming `origin`
+    for what the template refuses (an unknown role)."""
+    try:
+        return encode_chat_spans(tokenizer, messages[:-1], add_generation_prompt=True)
+    except ValueError as e:  # the template's own check
+        raise BadRecord(f"{origin}: {e}") from None
+
+
 def build_sft_example(
     record: dict,
     origin: str,
@@ -167,10 +177,7 @@ def build_sft_example(
     messages = to_messages(record, origin, fmt, field)
     # Text is text: special-token strings in the messages are encoded as ordinary tokens; only
     # the chat template emits control ids, and the response ends with the one real EOS.
-    try:
-        prompt_ids, spans = encode_chat_spans(tokenizer, messages[:-1], add_generation_prompt=True)
-    except ValueError as e:  # the template's own check (an unknown role)
-        raise BadRecord(f"{origin}: {e}") from None
+    prompt_ids, spans = _prompt_spans(tokenizer, messages, origin)
     prompt_maskable = [False] * len(prompt_ids)
     if supervise == "all":
         role_end = tokenizer.convert_tokens_to_ids(ROLE_END_TOKEN)
@@ -239,10 +246,7 @@ def load_heldout_questions(
     questions = []
     for rec, origin in read_records(files):
         messages = to_messages(rec, origin, fmt, field)
-        try:
-            prompt_ids, _ = encode_chat_spans(tokenizer, messages[:-1], add_generation_prompt=True)
-        except ValueError as e:  # the template's own check (an unknown role)
-            raise BadRecord(f"{origin}: {e}") from None
+        prompt_ids, _ = _prompt_spans(tokenizer, messages, origin)
         questions.append((prompt_ids, messages[-1]["content"].strip()))
         if len(questions) == num_questions:
             break
