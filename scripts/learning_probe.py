@@ -9,6 +9,13 @@ training chats (sft_train.jsonl / sort_sft_train.jsonl), decoded greedily by the
 answer, and the held-out accuracy per place (addition: units, tens, hundreds digit; sorting: the
 k-th number). Prints one JSON line per checkpoint and writes RUN_DIR/probe.json. Held-out close
 to train means the model under-fits rather than memorises (issue 17).
+
+Two figures separate M2T from T2T: `heldout_em_no_edit`, the same decoding with T2T editing off
+(editing_threshold null), and `gold_edit_rate`, the share of held-out questions where the T2T
+rule at the Quality preset's editing threshold would change the *gold* answer shown fully
+visible in its block (no mask left, the state of every post-fill iteration; one forward,
+block-causal attention). A model that fills answers right but rewrites them once the block is
+full has a high gold_edit_rate and a no-edit EM far above its Quality EM (docs/learning.md).
 """
 
 from __future__ import annotations
@@ -53,16 +60,42 @@ def place_accuracy(answers: list[str], golds: list[str]) -> list[float]:
 
 
 @torch.no_grad()
-def exact_match(model, tokenizer, pairs: list[tuple[str, str]], block_length: int = 32):
-    """(exact match, TPF, per-place accuracy) of greedy Quality-preset answers."""
+def exact_match(
+    model, tokenizer, pairs: list[tuple[str, str]], block_length: int = 32, editing: bool = True
+):
+    """(exact match, TPF, per-place accuracy) of greedy Quality-preset answers; `editing=False`
+    turns the preset's T2T editing off."""
     ids = special_ids(tokenizer)
     prompts = [encode_prompt(tokenizer, q, None, True) for q, _ in pairs]
     config = SamplerConfig.from_preset("quality", gen_length=32, block_length=block_length)
+    if not editing:
+        config = config.replace(editing_threshold=None)
     out = Sampler(model, ids.mask_id, ids.eos_id, config).generate(prompts)
     answers = [tokenizer.decode(t, skip_special_tokens=True).strip() for t in out.tokens]
     hits = sum(a == gold for a, (_, gold) in zip(answers, pairs, strict=True))
     places = place_accuracy(answers, [g for _, g in pairs])
     return hits / len(pairs), out.stats.tpf, places
+
+
+@torch.no_grad()
+def gold_edit_rate(model, tokenizer, pairs: list[tuple[str, str]], block_length: int) -> float:
+    """Share of `pairs` whose gold answer (+ EOS, EOS padding to the block end, no mask) the T2T
+    rule of the Quality preset (cand != token and conf > editing_threshold) would edit."""
+    ids = special_ids(tokenizer)
+    threshold = SamplerConfig.from_preset("quality").editing_threshold
+    edited = 0
+    for question, gold in pairs:
+        prompt = encode_prompt(tokenizer, question, None, True)
+        answer = tokenizer(gold, add_special_tokens=False)["input_ids"] + [ids.eos_id]
+        length = -(-(len(prompt) + len(answer)) // block_length) * block_length
+        x = torch.tensor(prompt + answer + [ids.eos_id] * (length - len(prompt) - len(answer)))
+        blocks = torch.arange(length) // block_length
+        mask = (blocks[None, :] <= blocks[:, None])[None, None]  # (1, 1, L, L) block-causal
+        probs = model(x[None], attention_mask=mask)[0].float().softmax(-1)
+        conf, cand = probs.max(-1)
+        span = slice(len(prompt), len(prompt) + len(answer))
+        edited += bool(((cand[span] != x[span]) & (conf[span] > threshold)).any())
+    return edited / len(pairs)
 
 
 def main() -> None:
@@ -84,9 +117,11 @@ def main() -> None:
         block = json.load(open(facts_path))["block_length"] if os.path.exists(facts_path) else 32
         heldout_em, tpf, places = exact_match(model, tokenizer, heldout, block)
         train_em, _, _ = exact_match(model, tokenizer, train, block)
+        no_edit_em, _, _ = exact_match(model, tokenizer, heldout, block, editing=False)
         rows.append(
             {"step": step, "heldout_em": heldout_em, "train_em": train_em, "tpf": tpf,
-             "heldout_place_acc": places}
+             "heldout_place_acc": places, "heldout_em_no_edit": no_edit_em,
+             "gold_edit_rate": gold_edit_rate(model, tokenizer, heldout, block)}
         )  # fmt: skip
         print(json.dumps(rows[-1]), flush=True)
     with open(os.path.join(args.run_dir, "probe.json"), "w") as f:

@@ -41,6 +41,7 @@ RUN = [
     "micro_batch_size=32",
     "seed=0",
     "optim.betas=[0.9,0.999]",  # as calibrated (the tiny recipe has 0.95 since)
+    "corruption.t_min=0.3",  # as calibrated (the tiny recipe has 0.0 since)
     "checkpoint.save_every=1000",
     "checkpoint.smoke_prompts=0",
     "checkpoint.eval_every_saves=0",
