@@ -1,0 +1,64 @@
+"""The issue-17 study scripts' bookkeeping, on hand-computed cases (scripts/ is not a package)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+
+import pytest
+
+from llada_train import REPO_ROOT
+
+
+def _load(name: str):
+    spec = importlib.util.spec_from_file_location(
+        name, os.path.join(REPO_ROOT, "scripts", name + ".py")
+    )
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+rl_compare = _load("rl_compare")
+learning_probe = _load("learning_probe")
+
+
+def test_rl_curve_keeps_one_point_per_step_the_last_logged(tmp_path):
+    rows = [
+        {"step": 0, "eval/reward": 0.5},
+        {"step": 1, "loss": 1.0},
+        {"step": 10, "eval/reward": 0.6},
+        {"step": 10, "eval/reward": 0.65},  # logged again by a resumed run
+        {"step": 5, "eval/reward": 0.55},
+    ]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert rl_compare.curve(str(tmp_path)) == [(0, 0.5), (5, 0.55), (10, 0.65)]
+
+
+def test_rl_curve_without_held_out_reward_says_so(tmp_path):
+    (tmp_path / "metrics.jsonl").write_text(json.dumps({"step": 1, "loss": 1.0}) + "\n")
+    with pytest.raises(SystemExit, match="eval/reward"):
+        rl_compare.curve(str(tmp_path))
+
+
+def test_rl_summary_is_mean_and_population_std_over_seeds():
+    runs = [
+        {"variant": "ebpo", "seed": s, "start": 0.7, "end": e, "gain": e - 0.7, "best": e,
+         "wall_s": w}
+        for s, e, w in ((0, 0.8, 100.0), (1, 0.9, 300.0))
+    ]  # fmt: skip
+    (row,) = rl_compare.summarize(runs)
+    assert row["seeds"] == [0, 1]
+    assert row["end_mean"] == pytest.approx(0.85) and row["end_std"] == pytest.approx(0.05)
+    assert row["gain_mean"] == pytest.approx(0.15) and row["start_std"] == 0.0
+    assert row["wall_s_mean"] == 200.0
+
+
+def test_place_accuracy_counts_places_right_aligned_and_per_number():
+    # addition: units, tens, hundreds from the right; a short answer misses the high places
+    assert learning_probe.place_accuracy(["134", "34", "99"], ["134", "134", "98"]) == [
+        0.667, 1.0, 0.5
+    ]  # fmt: skip
+    # sorting: the k-th number of the spaced answer
+    assert learning_probe.place_accuracy(["1 2 3", "1 3"], ["1 2 3", "1 2 3"]) == [1.0, 0.5, 0.5]
