@@ -111,3 +111,18 @@ def read_metrics(run_dir: str) -> list[dict[str, Any]]:
         return []
     with open(path) as f:
         return [json.loads(line) for line in f if line.strip()]
+
+
+def optional_pyplot():
+    """`matplotlib.pyplot` on the non-interactive Agg backend, for the study scripts' figures
+    (scripts/frontier.py, scripts/rl_compare.py); None, with a printed note, when matplotlib is
+    not installed (it is optional: the scripts still write their tables)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib is not installed: table written, plot skipped (pip install matplotlib)")
+        return None
+    return plt

@@ -35,6 +35,7 @@ from llada_train.model.io import from_pretrained
 from llada_train.rl.rewards import math_reward, sort_reward
 from llada_train.sampler import PRESETS, Sampler, SamplerConfig
 from llada_train.tokenizer import encode_prompt, load_tokenizer, special_ids
+from llada_train.tracking import optional_pyplot
 
 VARIANTS = {"mask_only": "corruption=mask_only", "mask_noise": "corruption=sft"}
 THRESHOLDS = [0.95, 0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3]
@@ -140,13 +141,8 @@ def write_report(rows: list[dict], out: str) -> None:
         )
     with open(os.path.join(out, "frontier.md"), "w") as f:
         f.write("\n".join(lines) + "\n")
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib is not installed: table written, plot skipped (pip install matplotlib)")
+    plt = optional_pyplot()
+    if plt is None:
         return
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for name in sorted({r["model"] for r in table}):

@@ -29,6 +29,8 @@ import subprocess
 import sys
 import time
 
+from llada_train.tracking import optional_pyplot
+
 VARIANTS = {
     "ebpo": ["conf=ebpo"],
     "grpo": ["conf=grpo"],
@@ -115,13 +117,8 @@ def write_report(runs: list[dict], out: str) -> None:
     with open(os.path.join(out, "rl_compare.md"), "w") as f:
         f.write("\n".join(lines) + "\n")
     print("\n".join(lines))
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib is not installed: table written, plot skipped (pip install matplotlib)")
+    plt = optional_pyplot()
+    if plt is None:
         return
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for variant in VARIANTS:
