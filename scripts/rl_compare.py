@@ -7,8 +7,8 @@ batches and at the end) and its wall time. Writes `<out>/rl_compare.json` (every
 `<out>/rl_compare.md` (start, end, gain and best per variant, mean +- std over seeds) and
 `<out>/rl_compare.png` (the curves, error bars = std over seeds).
 
-    python scripts/rl_compare.py --init runs/sft_s1/checkpoints/step_00000750 \\
-        --seeds 0 1 2 --out results/ebpo
+    python scripts/rl_compare.py --init runs/sft_headroom \\
+        --seeds 0 1 2 --out results/ebpo max_steps=30 eval_every=10   # results/ebpo/README.md
 
 Variants (issue 17, item 4): `ebpo` (conf=ebpo, the recipe's dual-mode share of rollout groups
 decoded with T2T editing on), `grpo` (conf=grpo: the same rollouts, the GRPO-style
