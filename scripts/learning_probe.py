@@ -28,8 +28,16 @@ import os
 import torch
 
 from llada_train import DATA_DIR
+from llada_train.data.pipeline import build_sft_example
+from llada_train.masks import block_causal_mask
 from llada_train.model.io import from_pretrained
-from llada_train.sampler import Sampler, SamplerConfig
+from llada_train.sampler import (
+    Sampler,
+    SamplerConfig,
+    adjust_logits,
+    joint_threshold_step,
+    sample_candidates,
+)
 from llada_train.tokenizer import encode_prompt, load_tokenizer, special_ids
 
 
@@ -80,21 +88,30 @@ def exact_match(
 @torch.no_grad()
 def gold_edit_rate(model, tokenizer, pairs: list[tuple[str, str]], block_length: int) -> float:
     """Share of `pairs` whose gold answer (+ EOS, EOS padding to the block end, no mask) the T2T
-    rule of the Quality preset (cand != token and conf > editing_threshold) would edit."""
+    rule of the Quality preset (`sampler.joint_threshold_step`: cand != token and conf >
+    editing_threshold) would edit."""
     ids = special_ids(tokenizer)
-    threshold = SamplerConfig.from_preset("quality").editing_threshold
+    preset = SamplerConfig.from_preset("quality")
     edited = 0
     for question, gold in pairs:
-        prompt = encode_prompt(tokenizer, question, None, True)
-        answer = tokenizer(gold, add_special_tokens=False)["input_ids"] + [ids.eos_id]
-        length = -(-(len(prompt) + len(answer)) // block_length) * block_length
-        x = torch.tensor(prompt + answer + [ids.eos_id] * (length - len(prompt) - len(answer)))
-        blocks = torch.arange(length) // block_length
-        mask = (blocks[None, :] <= blocks[:, None])[None, None]  # (1, 1, L, L) block-causal
-        probs = model(x[None], attention_mask=mask)[0].float().softmax(-1)
-        conf, cand = probs.max(-1)
-        span = slice(len(prompt), len(prompt) + len(answer))
-        edited += bool(((cand[span] != x[span]) & (conf[span] > threshold)).any())
+        record = {"messages": [{"role": "user", "content": question},
+                               {"role": "assistant", "content": gold}]}  # fmt: skip
+        # the SFT layout; with unsupervised padding, maskable marks exactly the answer + EOS
+        example = build_sft_example(record, "held-out", tokenizer, ids, 1 << 30, block_length,
+                                    pad_supervised=False, supervise="last")  # fmt: skip
+        x = torch.tensor(example.input_ids)
+        positions = torch.arange(len(x))[None]
+        mask = block_causal_mask(positions, positions, block_length)  # (1, 1, L, L)
+        logits = adjust_logits(  # the sampler's candidate rule: penalty, no mask id, greedy
+            model(x[None], attention_mask=mask).float(), x.roll(1)[None], positions > 0,
+            ids.mask_id, preset.repetition_penalty,
+        )  # fmt: skip
+        cand, conf = sample_candidates(logits, 0.0, None, None, None)  # (1, L) each
+        answer = torch.tensor(example.maskable)[None]  # (1, L): only the answer is editable here
+        _, _, edit = joint_threshold_step(
+            x[None], cand, conf, answer, ids.mask_id, preset.threshold, preset.editing_threshold
+        )  # the sampler's own M2T + T2T rule; with no mask left only T2T can act
+        edited += bool(edit.any())
     return edited / len(pairs)
 
 
