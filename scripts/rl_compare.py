@@ -29,7 +29,7 @@ import subprocess
 import sys
 import time
 
-from llada_train.tracking import optional_pyplot
+from llada_train.tracking import optional_pyplot, read_metrics
 
 VARIANTS = {
     "ebpo": ["conf=ebpo"],
@@ -38,8 +38,8 @@ VARIANTS = {
 }
 
 
-def train(out: str, init: str, recipe: str, seed: int, variant: str, extra: list[str]) -> float:
-    """One RL run; returns its wall time in seconds (0 when a finished run was reused)."""
+def train(out: str, init: str, recipe: str, seed: int, variant: str, extra: list[str]) -> None:
+    """One RL run; its wall time (seconds) goes to `<run>/wall_s.txt` on its first launch."""
     run_dir = os.path.join(out, f"seed{seed}", variant)
     cmd = [sys.executable, "-m", "llada_train.rl", *VARIANTS[variant], f"+recipe={recipe}",
            f"init_from={init}", f"seed={seed}", f"output_dir={run_dir}", "tracking=disabled",
@@ -53,7 +53,6 @@ def train(out: str, init: str, recipe: str, seed: int, variant: str, extra: list
     if not os.path.exists(path):  # a reused finished run keeps the time of its real launch
         with open(path, "w") as f:
             f.write(f"{wall:.1f}\n")
-    return wall
 
 
 def recorded_wall(run_dir: str) -> float:
@@ -64,12 +63,8 @@ def recorded_wall(run_dir: str) -> float:
 
 def curve(run_dir: str) -> list[tuple[int, float]]:
     """[(step, held-out reward)] of one run, in step order; a resumed run's repeats dropped."""
-    points: dict[int, float] = {}
-    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
-        for line in f:
-            m = json.loads(line)
-            if "eval/reward" in m:
-                points[int(m["step"])] = float(m["eval/reward"])
+    points = {int(m["step"]): float(m["eval/reward"]) for m in read_metrics(run_dir)
+              if "eval/reward" in m}  # fmt: skip
     if not points:
         raise SystemExit(f"{run_dir}/metrics.jsonl has no eval/reward: was eval_files set?")
     return sorted(points.items())
