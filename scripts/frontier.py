@@ -12,6 +12,11 @@ mean and standard deviation. Writes `<out>/frontier.json` (every seed's rows), `
     python scripts/frontier.py --task sort --seeds 0 1 2 --out results/frontier_sort
     python scripts/frontier.py --task addition --out results/frontier     # the first study
     python scripts/frontier.py --skip-training ...                         # re-sweep the runs
+    python scripts/frontier.py --report-only --seeds 0 1 2 ...             # rebuild the report
+
+Each seed's rows are also written to `<out>/seed<S>/sweep.json` as soon as its sweep ends, so
+seeds can be trained and swept by separate processes (one per core) and the report rebuilt from
+those files with `--report-only`, which decodes nothing.
 
 Tasks: `sort` (recipes/tiny_sort.yaml, eval/data/sort_gen.jsonl: 17-token answers whose tokens
 depend on each other, where parallel decoding can go wrong) and `addition` (recipes/tiny.yaml,
@@ -175,14 +180,28 @@ def main() -> None:
     p.add_argument("--gen-length", type=int, default=32)
     p.add_argument("--variants", nargs="+", choices=sorted(VARIANTS), default=list(VARIANTS))
     p.add_argument("--skip-training", action="store_true")
+    p.add_argument(
+        "--report-only",
+        action="store_true",
+        help="no training or decoding: the report from <out>/seed<S>/sweep.json",
+    )
     p.add_argument("overrides", nargs="*", help="extra Hydra overrides for every training")
     args = p.parse_args()
     os.makedirs(args.out, exist_ok=True)
     rows = []
     for seed in args.seeds:
+        rows_file = os.path.join(args.out, f"seed{seed}", "sweep.json")
+        if args.report_only:
+            if not os.path.exists(rows_file):
+                raise SystemExit(f"{rows_file} is missing: sweep seed {seed} first")
+            rows += json.load(open(rows_file))
+            continue
         if not args.skip_training:
             train(args.out, args.task, seed, args.steps, args.overrides, args.variants)
-        rows += sweep(args.out, args.task, seed, args.limit, args.gen_length, args.variants)
+        seed_rows = sweep(args.out, args.task, seed, args.limit, args.gen_length, args.variants)
+        with open(rows_file, "w") as f:
+            json.dump(seed_rows, f, indent=1)
+        rows += seed_rows
     write_report(rows, args.out)
 
 

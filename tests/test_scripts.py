@@ -22,6 +22,7 @@ def _load(name: str):
 
 rl_compare = _load("rl_compare")
 learning_probe = _load("learning_probe")
+frontier = _load("frontier")
 
 
 def test_rl_curve_keeps_one_point_per_step_the_last_logged(tmp_path):
@@ -62,3 +63,30 @@ def test_place_accuracy_counts_places_right_aligned_and_per_number():
     ]  # fmt: skip
     # sorting: the k-th number of the spaced answer
     assert learning_probe.place_accuracy(["1 2 3", "1 3"], ["1 2 3", "1 2 3"]) == [1.0, 0.5, 0.5]
+
+
+def test_frontier_report_only_rebuilds_mean_and_std_from_each_seeds_sweep_file(
+    tmp_path, monkeypatch
+):
+    out = tmp_path / "study"
+    for seed, acc in ((0, 0.5), (1, 1.0)):
+        rows = [
+            {"task": "sort", "seed": seed, "model": "mask_noise", "setting": setting,
+             "editing": editing, "editing_threshold": 0.0 if editing else None,
+             "threshold": 0.7, "accuracy": acc, "tpf": 2.0 + seed}
+            for setting, editing in (("sweep, editing off", False), ("sweep, editing on", True),
+                                     ("Q preset", True), ("S preset", True))
+        ]  # fmt: skip
+        (out / f"seed{seed}").mkdir(parents=True)
+        (out / f"seed{seed}" / "sweep.json").write_text(json.dumps(rows))
+    argv = ["frontier.py", "--report-only", "--seeds", "0", "1", "--out", str(out)]
+    monkeypatch.setattr("sys.argv", argv)
+    frontier.main()
+    table = (out / "frontier.md").read_text()
+    assert "Seeds [0, 1]" in table
+    assert "| mask_noise | Q preset | 0.7 | 0.750 +- 0.250 | 2.50 +- 0.50 |" in table
+    assert len(json.loads((out / "frontier.json").read_text())) == 8
+
+    monkeypatch.setattr("sys.argv", [*argv[:3], "2", "--out", str(out)])
+    with pytest.raises(SystemExit, match="seed2/sweep.json is missing"):
+        frontier.main()
