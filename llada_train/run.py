@@ -130,6 +130,17 @@ class Run:
         return bool(self.cfg.lora.enabled)
 
     @property
+    def trains_t2t(self) -> bool:
+        """False for an SFT/CPT run whose corruption supervises no visible token (noise_max,
+        keep_share and mtf_fraction all 0: the mask-only LLaDA2.0 recipe). Such a model never
+        learns what to do at an unmasked position, so its T2T proposals are arbitrary (on the
+        sorting task every gold answer shown whole gets edited): the smoke samples and the
+        held-out check then decode with T2T editing off (M2T only), whatever the sampler node
+        says. RL runs (no corruption node) decode as configured."""
+        c = self.cfg.get("corruption")
+        return c is None or c.noise_max > 0 or c.keep_share > 0 or c.mtf_fraction > 0
+
+    @property
     def eval_mode(self) -> str:
         return resolve_eval_mode(self.cfg.checkpoint, self.info.device)
 
@@ -308,6 +319,8 @@ class Run:
         s_cfg = sampler_config(self.cfg.sampler).replace(
             gen_length=gen_length or self.cfg.checkpoint.smoke_gen_length
         )
+        if not self.trains_t2t:
+            s_cfg = s_cfg.replace(editing_threshold=None)
         with decoding(self.model) as whole:
             sampler = Sampler(whole, self.ids.mask_id, self.ids.eos_id, s_cfg, self.info.device)
             out = sampler.generate(prompts)
@@ -319,15 +332,17 @@ class Run:
         the shared sampler with the run's sampler node and heldout.gen_length tokens; the
         stripped completion must equal the gold. Returns {"heldout/exact_match",
         "heldout/tpf"} (a collective under ZeRO-3: every rank enters and decodes the same
-        questions) and prints one line on rank 0. Issue 17: a monitor, not an evaluation (that
+        questions) and prints one line on rank 0. Decodes with editing off when the run trains
+        no T2T (`trains_t2t`). Issue 17: a monitor, not an evaluation (that
         is lm-eval's job at the saves)."""
         texts, stats = self._smoke_generate([p for p, _ in questions], self.cfg.heldout.gen_length)
         right = sum(t.strip() == gold for t, (_, gold) in zip(texts, questions, strict=True))
         figures = {"heldout/exact_match": right / len(questions), "heldout/tpf": stats.tpf}
         if self.info.is_main:
+            note = "" if self.trains_t2t else ", editing off: the corruption trains no T2T"
             print(
                 f"[step {step}] held-out exact match {right}/{len(questions)} "
-                f"(TPF {stats.tpf:.2f})",
+                f"(TPF {stats.tpf:.2f}{note})",
                 flush=True,
             )
         return figures

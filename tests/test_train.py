@@ -271,3 +271,28 @@ def test_cpt_recipe_is_merged_over_the_shared_one(entry, micro, steps):
         cfg = compose(entry, overrides=["+recipe=tiny"])
     assert (cfg.micro_batch_size, cfg.max_steps) == (micro, steps)
     assert cfg.block_length == 32 and cfg.optim.lr == 3.0e-3 and cfg.model.hidden_size == 256
+
+
+def test_mask_only_run_checks_held_out_with_editing_off(tmp_path):
+    """A mask-only run (corruption=mask_only) never trains a visible position, so its T2T
+    proposals are arbitrary: its held-out check must decode M2T only and say so."""
+    from types import SimpleNamespace
+
+    from omegaconf import OmegaConf
+
+    from llada_train.run import Run
+
+    def trains_t2t(**corruption) -> bool:
+        zero = {"noise_max": 0.0, "keep_share": 0.0, "mtf_fraction": 0.0}
+        cfg = {"corruption": {**zero, **corruption}}
+        return Run.trains_t2t.fget(SimpleNamespace(cfg=OmegaConf.create(cfg)))
+
+    assert not trains_t2t()
+    assert trains_t2t(noise_max=0.2) and trains_t2t(keep_share=0.3) and trains_t2t(mtf_fraction=0.5)
+    assert Run.trains_t2t.fget(SimpleNamespace(cfg=OmegaConf.create({})))  # RL: no corruption
+
+    proc = run_entry("sft", tmp_path / "run", "corruption=mask_only", "max_steps=2",
+                     "checkpoint.save_every=100")  # fmt: skip
+    assert "[step 2] held-out exact match" in proc.stdout
+    assert "editing off: the corruption trains no T2T" in proc.stdout
+    assert "heldout/exact_match" in read_metrics(tmp_path / "run")[-1]
