@@ -120,6 +120,7 @@ def aggregate(rows: list[dict]) -> list[dict]:
         acc, tpf = [r["accuracy"] for r in rs], [r["tpf"] for r in rs]
         table.append({"model": model, "setting": setting, "threshold": threshold,
                       "editing": rs[0]["editing"], "seeds": len(rs),
+                      "accuracy_per_seed": acc,
                       "accuracy_mean": statistics.fmean(acc),
                       "accuracy_std": statistics.pstdev(acc),
                       "tpf_mean": statistics.fmean(tpf),
@@ -133,15 +134,17 @@ def write_report(rows: list[dict], out: str) -> None:
     table = aggregate(rows)
     seeds = sorted({r["seed"] for r in rows})
     lines = [
-        f"Seeds {seeds}; mean +- std over seeds (population std; 0 with one seed).",
+        f"Seeds {seeds}; mean +- std over seeds (population std; 0 with one seed); per seed in the "
+        "order of --seeds.",
         "",
-        "| model | setting | threshold | accuracy | TPF |",
-        "|---|---|---|---|---|",
+        "| model | setting | threshold | accuracy | per seed | TPF |",
+        "|---|---|---|---|---|---|",
     ]
     for r in table:
+        per_seed = " / ".join(f"{a:.3f}" for a in r["accuracy_per_seed"])
         lines.append(
             f"| {r['model']} | {r['setting']} | {r['threshold']} | "
-            f"{r['accuracy_mean']:.3f} +- {r['accuracy_std']:.3f} | "
+            f"{r['accuracy_mean']:.3f} +- {r['accuracy_std']:.3f} | {per_seed} | "
             f"{r['tpf_mean']:.2f} +- {r['tpf_std']:.2f} |"
         )
     with open(os.path.join(out, "frontier.md"), "w") as f:

@@ -84,7 +84,9 @@ def test_frontier_report_only_rebuilds_mean_and_std_from_each_seeds_sweep_file(
     frontier.main()
     table = (out / "frontier.md").read_text()
     assert "Seeds [0, 1]" in table
-    assert "| mask_noise | Q preset | 0.7 | 0.750 +- 0.250 | 2.50 +- 0.50 |" in table
+    assert (
+        "| mask_noise | Q preset | 0.7 | 0.750 +- 0.250 | 0.500 / 1.000 | 2.50 +- 0.50 |" in table
+    )
     assert len(json.loads((out / "frontier.json").read_text())) == 8
 
     monkeypatch.setattr("sys.argv", [*argv[:3], "2", "--out", str(out)])
