@@ -102,6 +102,32 @@ def run_tokenizer(cfg: DictConfig):
     return resolve_tokenizer(cfg.tokenizer, cfg.init_from)
 
 
+def corruption_trains_t2t(corruption: Any) -> bool:
+    """Whether a `corruption` node (conf/corruption/*.yaml) supervises any visible token: T2T
+    random-token noise (`noise_max`), keep supervision (`keep_share`) or MTF (`mtf_fraction`).
+    All three 0 is the mask-only LLaDA2.0 recipe (M2T only), after which a model's T2T
+    proposals are arbitrary (docs/learning.md, sorting frontier)."""
+    return corruption.noise_max > 0 or corruption.keep_share > 0 or corruption.mtf_fraction > 0
+
+
+def t2t_trained(corruption: Any, init_from: str | None) -> bool | None:
+    """The `t2t_trained` training fact of a run's exports (llada_train.json): True when this
+    run's `corruption` (None for RL, which trains masked positions only) or any stage before it
+    (`init_from`'s own fact) supervised visible tokens; False when none did; None (fact not
+    written) when unknown, i.e. `init_from` is a model not trained here and this run adds no
+    T2T. `sampler_config` warns when a model whose fact is False is decoded with editing on."""
+    from llada_train.model.io import load_training_facts
+
+    sources = [] if corruption is None else [corruption_trains_t2t(corruption)]
+    if init_from:
+        sources.append(load_training_facts(init_from).get("t2t_trained"))
+    if True in sources:
+        return True
+    if not sources or None in sources:
+        return None
+    return False
+
+
 @dataclass
 class Run:
     """One training run: where it writes, what it trains, and (after `start`) its engine."""
@@ -138,7 +164,7 @@ class Run:
         held-out check then decode with T2T editing off (M2T only), whatever the sampler node
         says. RL runs (no corruption node) decode as configured."""
         c = self.cfg.get("corruption")
-        return c is None or c.noise_max > 0 or c.keep_share > 0 or c.mtf_fraction > 0
+        return c is None or corruption_trains_t2t(c)
 
     @property
     def eval_mode(self) -> str:
@@ -425,6 +451,9 @@ def open_run(cfg: DictConfig, job_type: str, batch: dict[str, Any]) -> Run:
     facts = {"block_length": cfg.block_length, "chat_template": job_type != "cpt", "task": job_type}
     if "max_length" in cfg.data:
         facts["max_length"] = cfg.data.max_length
+    t2t = t2t_trained(cfg.get("corruption"), cfg.init_from)
+    if t2t is not None:
+        facts["t2t_trained"] = t2t
     return Run(
         cfg=cfg,
         job_type=job_type,

@@ -173,8 +173,10 @@ def sampler_config(node: Any, model_dir: str | None = None) -> SamplerConfig:
     """A `sampler` config node (DictConfig or dict) -> a validated SamplerConfig: an unknown key
     fails with the valid ones listed, a bad value with the key named (`validate`).
     `block_length: null` takes the block length the model in `model_dir` was trained with (its
-    `llada_train.json`, `model.io.training_default`), else 32; an explicit other value warns."""
-    from llada_train.model.io import training_default
+    `llada_train.json`, `model.io.training_default`), else 32; an explicit other value warns.
+    T2T editing on a model whose facts say `t2t_trained: false` (a mask-only run,
+    `run.t2t_trained`) warns too: its edits are arbitrary."""
+    from llada_train.model.io import TRAINING_FACTS, load_training_facts, training_default
 
     if not isinstance(node, dict):
         from omegaconf import OmegaConf  # a DictConfig; the library itself needs no Hydra
@@ -184,7 +186,19 @@ def sampler_config(node: Any, model_dir: str | None = None) -> SamplerConfig:
     knobs["block_length"] = training_default(
         "block_length", knobs.get("block_length"), model_dir, SamplerConfig.block_length
     )
-    return SamplerConfig().replace(**knobs)
+    cfg = SamplerConfig().replace(**knobs)
+    if (
+        cfg.editing_threshold is not None
+        and load_training_facts(model_dir).get("t2t_trained") is False
+    ):
+        warnings.warn(
+            f"{model_dir} was trained without T2T supervision (mask-only corruption: "
+            f"t2t_trained false in its {TRAINING_FACTS}), so its T2T edits are arbitrary (on the "
+            "sorting task they rewrite every correct answer); decode it with "
+            "sampler.editing_threshold=null (M2T only)",
+            stacklevel=2,
+        )
+    return cfg
 
 
 @dataclass

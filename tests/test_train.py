@@ -296,3 +296,35 @@ def test_mask_only_run_checks_held_out_with_editing_off(tmp_path):
     assert "[step 2] held-out exact match" in proc.stdout
     assert "editing off: the corruption trains no T2T" in proc.stdout
     assert "heldout/exact_match" in read_metrics(tmp_path / "run")[-1]
+
+    # The fact travels with the export, and decoding it with editing on warns.
+    import warnings
+
+    from llada_train.model.io import load_training_facts, save_training_facts
+    from llada_train.run import t2t_trained
+    from llada_train.sampler import sampler_config
+
+    export = next((tmp_path / "run" / "checkpoints").glob("step_*/hf"))
+    assert load_training_facts(str(export))["t2t_trained"] is False
+    with pytest.warns(UserWarning, match="trained without T2T supervision"):
+        sampler_config({"editing_threshold": 0.5}, str(export))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert sampler_config({"editing_threshold": None}, str(export)).editing_threshold is None
+
+    # Stages chain: T2T anywhere before makes it True; RL (no corruption) inherits; a model
+    # with no facts (not trained here) leaves it unknown unless this run adds T2T.
+    mask_only = OmegaConf.create({"noise_max": 0.0, "keep_share": 0.0, "mtf_fraction": 0.0})
+    noisy = OmegaConf.create({"noise_max": 0.2, "keep_share": 0.0, "mtf_fraction": 0.0})
+    for name, fact in (("t2t", True), ("m2t", False)):
+        (tmp_path / name).mkdir()
+        save_training_facts(str(tmp_path / name), {"t2t_trained": fact})
+    assert t2t_trained(mask_only, None) is False and t2t_trained(noisy, None) is True
+    assert t2t_trained(mask_only, str(tmp_path / "t2t")) is True
+    assert t2t_trained(mask_only, str(tmp_path / "m2t")) is False
+    assert t2t_trained(None, str(tmp_path / "m2t")) is False
+    assert t2t_trained(None, str(tmp_path / "t2t")) is True
+    assert (
+        t2t_trained(mask_only, str(tmp_path)) is None and t2t_trained(None, str(tmp_path)) is None
+    )
+    assert t2t_trained(noisy, str(tmp_path)) is True

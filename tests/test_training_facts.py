@@ -82,5 +82,6 @@ def test_every_training_export_carries_its_facts(tmp_path):
     with open(os.path.join(hf, TRAINING_FACTS)) as f:
         facts = json.load(f)
     assert facts == {"block_length": 16, "chat_template": True, "task": "sft",
-                     "max_length": facts["max_length"], "step": 2}  # fmt: skip
+                     "max_length": facts["max_length"], "t2t_trained": True,
+                     "step": 2}  # fmt: skip
     assert sampler_config({"block_length": None}, hf).block_length == 16
