@@ -16,6 +16,9 @@ rule at the Quality preset's editing threshold would change the *gold* answer sh
 visible in its block (no mask left, the state of every post-fill iteration; one forward,
 block-causal attention). A model that fills answers right but rewrites them once the block is
 full has a high gold_edit_rate and a no-edit EM far above its Quality EM (docs/learning.md).
+`heldout_acc_by_mask_ratio`: one-forward accuracy of the masked answer tokens with a share t of
+the gold answer masked (t = 0.1 ... 1.0); a flat curve means the model reads the question, a
+steep fall towards t = 1 that it leans on the visible answer (`accuracy_by_mask_ratio`).
 """
 
 from __future__ import annotations
@@ -85,6 +88,19 @@ def exact_match(
     return hits / len(pairs), out.stats.tpf, places
 
 
+def gold_layout(tokenizer, ids, question: str, gold: str, block_length: int):
+    """(x (L,), answer (L,) bool, block-causal mask (1, 1, L, L)) of one held-out pair in the SFT
+    layout: the gold answer + EOS visible, EOS padding to the block end; with unsupervised
+    padding `maskable` marks exactly the answer + EOS."""
+    record = {"messages": [{"role": "user", "content": question},
+                           {"role": "assistant", "content": gold}]}  # fmt: skip
+    example = build_sft_example(record, "held-out", tokenizer, ids, 1 << 30, block_length,
+                                pad_supervised=False, supervise="last")  # fmt: skip
+    x = torch.tensor(example.input_ids)
+    positions = torch.arange(len(x))[None]
+    return x, torch.tensor(example.maskable), block_causal_mask(positions, positions, block_length)
+
+
 @torch.no_grad()
 def gold_edit_rate(model, tokenizer, pairs: list[tuple[str, str]], block_length: int) -> float:
     """Share of `pairs` whose gold answer (+ EOS, EOS padding to the block end, no mask) the T2T
@@ -94,25 +110,56 @@ def gold_edit_rate(model, tokenizer, pairs: list[tuple[str, str]], block_length:
     preset = SamplerConfig.from_preset("quality")
     edited = 0
     for question, gold in pairs:
-        record = {"messages": [{"role": "user", "content": question},
-                               {"role": "assistant", "content": gold}]}  # fmt: skip
-        # the SFT layout; with unsupervised padding, maskable marks exactly the answer + EOS
-        example = build_sft_example(record, "held-out", tokenizer, ids, 1 << 30, block_length,
-                                    pad_supervised=False, supervise="last")  # fmt: skip
-        x = torch.tensor(example.input_ids)
+        x, answer, mask = gold_layout(tokenizer, ids, question, gold, block_length)
         positions = torch.arange(len(x))[None]
-        mask = block_causal_mask(positions, positions, block_length)  # (1, 1, L, L)
         logits = adjust_logits(  # the sampler's candidate rule: penalty, no mask id, greedy
             model(x[None], attention_mask=mask).float(), x.roll(1)[None], positions > 0,
             ids.mask_id, preset.repetition_penalty,
         )  # fmt: skip
         cand, conf = sample_candidates(logits, 0.0, None, None, None)  # (1, L) each
-        answer = torch.tensor(example.maskable)[None]  # (1, L): only the answer is editable here
         _, _, edit = joint_threshold_step(
-            x[None], cand, conf, answer, ids.mask_id, preset.threshold, preset.editing_threshold
+            x[None],
+            cand,
+            conf,
+            answer[None],
+            ids.mask_id,
+            preset.threshold,
+            preset.editing_threshold,
         )  # the sampler's own M2T + T2T rule; with no mask left only T2T can act
         edited += bool(edit.any())
     return edited / len(pairs)
+
+
+RATIOS = (0.1, 0.3, 0.5, 0.8, 1.0)
+
+
+@torch.no_grad()
+def accuracy_by_mask_ratio(
+    model, tokenizer, pairs: list[tuple[str, str]], block_length: int, seed: int = 0
+) -> dict[str, float]:
+    """One-forward accuracy of masked answer tokens (answer + EOS) at each mask ratio t in
+    `RATIOS`: round(t * n) of a pair's n answer tokens, chosen at random (torch seed `seed`),
+    are masked, the rest of the gold answer stays visible; greedy argmax of the masked
+    positions against gold, summed over `pairs`. A model that predicts answer tokens from the
+    visible answer around them instead of from the question scores high at t = 0.1 and falls
+    at t = 1, where nothing of the answer is shown (the sorting cliff, docs/learning.md)."""
+    ids = special_ids(tokenizer)
+    generator = torch.Generator().manual_seed(seed)
+    out = {}
+    for t in RATIOS:
+        hits = total = 0
+        for question, gold in pairs:
+            x, answer, mask = gold_layout(tokenizer, ids, question, gold, block_length)
+            where = answer.nonzero().squeeze(1)
+            chosen = where[torch.randperm(len(where), generator=generator)]
+            chosen = chosen[: max(1, round(t * len(where)))]
+            noisy = x.clone()
+            noisy[chosen] = ids.mask_id
+            pred = model(noisy[None], attention_mask=mask)[0, chosen].argmax(-1)
+            hits += int((pred == x[chosen]).sum())
+            total += len(chosen)
+        out[str(t)] = hits / total
+    return out
 
 
 def main() -> None:
@@ -138,7 +185,8 @@ def main() -> None:
         rows.append(
             {"step": step, "heldout_em": heldout_em, "train_em": train_em, "tpf": tpf,
              "heldout_place_acc": places, "heldout_em_no_edit": no_edit_em,
-             "gold_edit_rate": gold_edit_rate(model, tokenizer, heldout, block)}
+             "gold_edit_rate": gold_edit_rate(model, tokenizer, heldout, block),
+             "heldout_acc_by_mask_ratio": accuracy_by_mask_ratio(model, tokenizer, heldout, block)}
         )  # fmt: skip
         print(json.dumps(rows[-1]), flush=True)
     with open(os.path.join(args.run_dir, "probe.json"), "w") as f:

@@ -92,3 +92,46 @@ def test_frontier_report_only_rebuilds_mean_and_std_from_each_seeds_sweep_file(
     monkeypatch.setattr("sys.argv", [*argv[:3], "2", "--out", str(out)])
     with pytest.raises(SystemExit, match="seed2/sweep.json is missing"):
         frontier.main()
+
+
+def test_accuracy_by_mask_ratio_counts_masked_answer_tokens_only():
+    """Stand-in models with hand-known answers: one that outputs the gold chat everywhere (1.0
+    at every ratio), one that repeats its input (a masked position predicts the mask id: 0.0),
+    and one right only at the EOS that ends the answer (at t = 1 every one of the n answer
+    tokens is masked: 1/n)."""
+    import torch
+
+    from llada_train.tokenizer import load_tokenizer, special_ids
+
+    tokenizer = load_tokenizer()
+    ids = special_ids(tokenizer)
+    pairs = [("Sort these numbers: 47 12 89", "12 47 89")]
+    x, answer, _ = learning_probe.gold_layout(tokenizer, ids, *pairs[0], 32)
+    n = int(answer.sum())
+    assert n == len(tokenizer.encode("12 47 89", add_special_tokens=False)) + 1  # + EOS
+
+    def one_hot(tokens):  # (L,) -> (1, L, V) logits
+        return torch.nn.functional.one_hot(tokens, len(tokenizer))[None].float()
+
+    def oracle(inp, attention_mask):
+        return one_hot(x)
+
+    def copy_input(inp, attention_mask):
+        return one_hot(inp[0])
+
+    eos_at = int(answer.nonzero()[-1])
+
+    def only_eos(inp, attention_mask):
+        out = inp[0].clone()
+        out[eos_at] = x[eos_at]
+        return one_hot(out)
+
+    ratios = learning_probe.RATIOS
+    assert learning_probe.accuracy_by_mask_ratio(oracle, tokenizer, pairs, 32) == {
+        str(t): 1.0 for t in ratios
+    }
+    assert learning_probe.accuracy_by_mask_ratio(copy_input, tokenizer, pairs, 32) == {
+        str(t): 0.0 for t in ratios
+    }
+    by_ratio = learning_probe.accuracy_by_mask_ratio(only_eos, tokenizer, pairs, 32)
+    assert by_ratio["1.0"] == pytest.approx(1 / n)
