@@ -70,7 +70,7 @@ from llada_train.eval.watch import start_background
 from llada_train.lora import apply_lora, merged_official_state
 from llada_train.model.build import build_model, resolve_model_config
 from llada_train.model.config import LLaDA2MoeConfig
-from llada_train.model.io import check_checkpoint
+from llada_train.model.io import check_checkpoint, load_training_facts
 from llada_train.model.modeling import LLaDA2MoeModelLM
 from llada_train.sampler import Sampler, sampler_config
 from llada_train.tokenizer import SpecialIds, resolve_tokenizer, special_ids
@@ -116,8 +116,6 @@ def t2t_trained(corruption: Any, init_from: str | None) -> bool | None:
     (`init_from`'s own fact) supervised visible tokens; False when none did; None (fact not
     written) when unknown, i.e. `init_from` is a model not trained here and this run adds no
     T2T. `sampler_config` warns when a model whose fact is False is decoded with editing on."""
-    from llada_train.model.io import load_training_facts
-
     sources = [] if corruption is None else [corruption_trains_t2t(corruption)]
     if init_from:
         sources.append(load_training_facts(init_from).get("t2t_trained"))
@@ -160,9 +158,12 @@ class Run:
         """False for an SFT/CPT run whose corruption supervises no visible token (noise_max,
         keep_share and mtf_fraction all 0: the mask-only LLaDA2.0 recipe). Such a model never
         learns what to do at an unmasked position, so its T2T proposals are arbitrary (on the
-        sorting task every gold answer shown whole gets edited): the smoke samples and the
-        held-out check then decode with T2T editing off (M2T only), whatever the sampler node
-        says. RL runs (no corruption node) decode as configured."""
+        sorting task every gold answer shown whole gets edited): the smoke samples, the
+        held-out check and the lm-eval at saves then decode with T2T editing off (M2T only),
+        whatever the sampler node says. RL runs (no corruption node) decode as configured.
+        This looks at this run's corruption alone; the export's `t2t_trained` fact also counts
+        the stages before it (`t2t_trained`), so a mask-only SFT from a T2T-trained CPT model
+        checks itself M2T only but exports t2t_trained true."""
         c = self.cfg.get("corruption")
         return c is None or corruption_trains_t2t(c)
 
@@ -383,6 +384,8 @@ class Run:
             {"sampler": {"block_length": self.cfg.block_length}},
             checkpoint_eval_node(self.cfg.checkpoint.eval),
         )
+        if not self.trains_t2t:  # as the smoke samples and held-out check: M2T only
+            eval_cfg.sampler.editing_threshold = None
         with decoding(self.model) as whole:
             if self.info.is_main:
                 evaluate_checkpoint(
@@ -452,6 +455,8 @@ def open_run(cfg: DictConfig, job_type: str, batch: dict[str, Any]) -> Run:
     if "max_length" in cfg.data:
         facts["max_length"] = cfg.data.max_length
     t2t = t2t_trained(cfg.get("corruption"), cfg.init_from)
+    if resume_path and load_training_facts(os.path.join(resume_path, "hf")).get("t2t_trained"):
+        t2t = True  # the steps before the resume supervised visible tokens
     if t2t is not None:
         facts["t2t_trained"] = t2t
     return Run(

@@ -176,7 +176,7 @@ def sampler_config(node: Any, model_dir: str | None = None) -> SamplerConfig:
     `llada_train.json`, `model.io.training_default`), else 32; an explicit other value warns.
     T2T editing on a model whose facts say `t2t_trained: false` (a mask-only run,
     `run.t2t_trained`) warns too: its edits are arbitrary."""
-    from llada_train.model.io import TRAINING_FACTS, load_training_facts, training_default
+    from llada_train.model.io import training_default
 
     if not isinstance(node, dict):
         from omegaconf import OmegaConf  # a DictConfig; the library itself needs no Hydra
@@ -187,18 +187,26 @@ def sampler_config(node: Any, model_dir: str | None = None) -> SamplerConfig:
         "block_length", knobs.get("block_length"), model_dir, SamplerConfig.block_length
     )
     cfg = SamplerConfig().replace(**knobs)
-    if (
-        cfg.editing_threshold is not None
-        and load_training_facts(model_dir).get("t2t_trained") is False
-    ):
+    warn_untrained_editing(model_dir, cfg.editing_threshold is not None)
+    return cfg
+
+
+def warn_untrained_editing(model_dir: str | None, editing: bool) -> None:
+    """Warn (UserWarning) when `editing` (T2T editing on) is asked of the model in `model_dir`
+    whose training facts say `t2t_trained: false` (`run.t2t_trained`: no stage supervised a
+    visible token, e.g. `corruption=mask_only`): such a model's T2T proposals are arbitrary (on
+    the sorting task they rewrite every correct answer, docs/learning.md). Silent for models
+    without facts (not trained here). Called by `sampler_config`, lm-eval's own CLI path and
+    RL (dual-mode rollouts, held-out reward)."""
+    from llada_train.model.io import TRAINING_FACTS, load_training_facts
+
+    if editing and load_training_facts(model_dir).get("t2t_trained") is False:
         warnings.warn(
             f"{model_dir} was trained without T2T supervision (mask-only corruption: "
-            f"t2t_trained false in its {TRAINING_FACTS}), so its T2T edits are arbitrary (on the "
-            "sorting task they rewrite every correct answer); decode it with "
-            "sampler.editing_threshold=null (M2T only)",
-            stacklevel=2,
+            f"t2t_trained false in its {TRAINING_FACTS}), so its T2T edits are arbitrary; decode "
+            "it with sampler.editing_threshold=null (M2T only)",
+            stacklevel=3,
         )
-    return cfg
 
 
 @dataclass

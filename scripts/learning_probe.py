@@ -138,11 +138,15 @@ def accuracy_by_mask_ratio(
     model, tokenizer, pairs: list[tuple[str, str]], block_length: int, seed: int = 0
 ) -> dict[str, float]:
     """One-forward accuracy of masked answer tokens (answer + EOS) at each mask ratio t in
-    `RATIOS`: round(t * n) of a pair's n answer tokens, chosen at random (torch seed `seed`),
-    are masked, the rest of the gold answer stays visible; greedy argmax of the masked
-    positions against gold, summed over `pairs`. A model that predicts answer tokens from the
-    visible answer around them instead of from the question scores high at t = 0.1 and falls
-    at t = 1, where nothing of the answer is shown (the sorting cliff, docs/learning.md)."""
+    `RATIOS`: max(1, round(t * n)) of a pair's n answer tokens, chosen at random (torch seed
+    `seed`), are masked, the rest of the gold answer stays visible (`gold_layout`, (L,)); the
+    model's logits (1, L, V) are read greedily at the masked positions, the mask id excluded
+    as in the sampler, and compared with gold, summed over `pairs`. Returns {str(t): share}.
+    A model that predicts answer tokens from the visible answer around them instead of from
+    the question scores high at t = 0.1 and falls at t = 1, where nothing of the answer is
+    shown (the sorting cliff, docs/learning.md). Raises ValueError on empty `pairs`."""
+    if not pairs:
+        raise ValueError("accuracy_by_mask_ratio: no question/answer pairs")
     ids = special_ids(tokenizer)
     generator = torch.Generator().manual_seed(seed)
     out = {}
@@ -155,7 +159,9 @@ def accuracy_by_mask_ratio(
             chosen = chosen[: max(1, round(t * len(where)))]
             noisy = x.clone()
             noisy[chosen] = ids.mask_id
-            pred = model(noisy[None], attention_mask=mask)[0, chosen].argmax(-1)
+            logits = model(noisy[None], attention_mask=mask)[0, chosen].float()
+            logits[:, ids.mask_id] = float("-inf")  # never a candidate (sampler.adjust_logits)
+            pred = logits.argmax(-1)
             hits += int((pred == x[chosen]).sum())
             total += len(chosen)
         out[str(t)] = hits / total

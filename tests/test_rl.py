@@ -117,3 +117,25 @@ def test_checkpoint_options_are_honoured(policy_dir, tmp_path):
         assert len(json.load(f)["samples"]) == 1
     with open(os.path.join(ckpt, "hf", "config.json")) as f:
         assert json.load(f)["torch_dtype"] == "bfloat16"
+
+
+def test_rl_from_a_mask_only_model_warns_and_keeps_its_fact(policy_dir, tmp_path):
+    """A policy whose facts say t2t_trained false (a mask-only SFT export): RL decodes its
+    dual-mode rollouts and held-out reward with T2T editing, so it warns, and its own exports
+    keep the fact (RL trains masked positions only)."""
+    import shutil
+
+    from llada_train.model.io import load_training_facts, save_training_facts
+
+    policy = tmp_path / "mask_only_policy"
+    shutil.copytree(policy_dir, policy)
+    save_training_facts(str(policy), {"block_length": 32, "t2t_trained": False})
+    out = tmp_path / "rl"
+    proc = run_rl(out, policy, "max_steps=1", "eval_every=1")
+    assert "trained without T2T supervision" in proc.stderr
+    export = os.path.join(complete_checkpoints(os.path.join(out, "checkpoints"))[-1][1], "hf")
+    assert load_training_facts(export)["t2t_trained"] is False
+    # editing off: nothing to warn about
+    proc = run_rl(tmp_path / "rl_m2t", policy, "max_steps=1", "eval_every=1",
+                  "sampler.editing_threshold=null")  # fmt: skip
+    assert "trained without T2T supervision" not in proc.stderr

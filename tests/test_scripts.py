@@ -96,9 +96,10 @@ def test_frontier_report_only_rebuilds_mean_and_std_from_each_seeds_sweep_file(
 
 def test_accuracy_by_mask_ratio_counts_masked_answer_tokens_only():
     """Stand-in models with hand-known answers: one that outputs the gold chat everywhere (1.0
-    at every ratio), one that repeats its input (a masked position predicts the mask id: 0.0),
-    and one right only at the EOS that ends the answer (at t = 1 every one of the n answer
-    tokens is masked: 1/n)."""
+    at every ratio), one that repeats its input with the mask id as its top logit (excluded,
+    so a masked position reads as its second choice, a token no answer holds: 0.0), and one right only at the EOS that ends the answer
+    (at t = 1 every one of the n answer tokens is masked: 1/n). Every call masks exactly
+    max(1, round(t * n)) tokens, all of them answer tokens."""
     import torch
 
     from llada_train.tokenizer import load_tokenizer, special_ids
@@ -109,29 +110,42 @@ def test_accuracy_by_mask_ratio_counts_masked_answer_tokens_only():
     x, answer, _ = learning_probe.gold_layout(tokenizer, ids, *pairs[0], 32)
     n = int(answer.sum())
     assert n == len(tokenizer.encode("12 47 89", add_special_tokens=False)) + 1  # + EOS
+    masked = []
 
-    def one_hot(tokens):  # (L,) -> (1, L, V) logits
-        return torch.nn.functional.one_hot(tokens, len(tokenizer))[None].float()
+    def one_hot(inp, tokens):  # (L,) -> (1, L, V) logits; records where inp was masked
+        where = (inp[0] == ids.mask_id).nonzero().squeeze(1)
+        masked.append(where.tolist())
+        logits = torch.nn.functional.one_hot(tokens, len(tokenizer))[None].float()
+        logits[0, :, ids.mask_id] = 0.5  # second choice: excluded anyway
+        return logits
 
     def oracle(inp, attention_mask):
-        return one_hot(x)
+        return one_hot(inp, x)
 
     def copy_input(inp, attention_mask):
-        return one_hot(inp[0])
+        out = inp[0].clone()
+        out[out == ids.mask_id] = 2  # a special token that no answer holds
+        logits = one_hot(inp, out)
+        logits[0, :, ids.mask_id] = 2.0  # the top logit, excluded by the probe
+        return logits
 
     eos_at = int(answer.nonzero()[-1])
 
     def only_eos(inp, attention_mask):
-        out = inp[0].clone()
+        out = torch.zeros_like(inp[0])
         out[eos_at] = x[eos_at]
-        return one_hot(out)
+        return one_hot(inp, out)
 
     ratios = learning_probe.RATIOS
     assert learning_probe.accuracy_by_mask_ratio(oracle, tokenizer, pairs, 32) == {
         str(t): 1.0 for t in ratios
     }
+    assert [len(m) for m in masked] == [max(1, round(t * n)) for t in ratios]
+    assert all(answer[m].all() for m in masked)  # only answer (+ EOS) positions
     assert learning_probe.accuracy_by_mask_ratio(copy_input, tokenizer, pairs, 32) == {
         str(t): 0.0 for t in ratios
     }
     by_ratio = learning_probe.accuracy_by_mask_ratio(only_eos, tokenizer, pairs, 32)
     assert by_ratio["1.0"] == pytest.approx(1 / n)
+    with pytest.raises(ValueError, match="no question/answer pairs"):
+        learning_probe.accuracy_by_mask_ratio(oracle, tokenizer, [], 32)

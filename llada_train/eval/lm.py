@@ -86,7 +86,13 @@ from lm_eval.api.registry import register_model
 
 from llada_train.elbo import masked_log_probs
 from llada_train.masks import training_inputs
-from llada_train.sampler import PRESETS, Sampler, SamplerConfig, SampleStats
+from llada_train.sampler import (
+    PRESETS,
+    Sampler,
+    SamplerConfig,
+    SampleStats,
+    warn_untrained_editing,
+)
 from llada_train.tokenizer import (
     encode_chat,
     encode_prompt,
@@ -216,6 +222,8 @@ class LLaDALM(LM):
         else:
             base = sampler_config
         self.sampler_config = base.replace(**sampler_knobs) if sampler_knobs else base
+        if sampler_config is None:  # sampler_config() has warned on the other path
+            warn_untrained_editing(pretrained, self.sampler_config.editing_threshold is not None)
         self.sampler = Sampler(model, self.mask_id, self.eos_id, self.sampler_config, self._device)
         self.block_length = self.sampler_config.block_length
         self.batch_size = self._parse_batch_size(batch_size)

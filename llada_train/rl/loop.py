@@ -42,7 +42,7 @@ from llada_train.rl.advantages import group_advantages, zero_variance_fraction
 from llada_train.rl.objectives import OBJECTIVES, loss_count
 from llada_train.rl.rewards import score_batch
 from llada_train.run import decoding, open_run
-from llada_train.sampler import Sampler
+from llada_train.sampler import Sampler, warn_untrained_editing
 from llada_train.tokenizer import encode_prompt
 
 
@@ -218,6 +218,9 @@ def rl_train(cfg: DictConfig) -> str:
         gen_length=cfg.rollout.gen_length, temperature=cfg.rollout.temperature,
         top_k=cfg.rollout.top_k, top_p=cfg.rollout.top_p,
     )  # fmt: skip
+    # dual-mode rollouts and the held-out reward decode with the sampler's T2T editing
+    if info.is_main:
+        warn_untrained_editing(cfg.init_from, base_sampler.editing_threshold is not None)
     objective = OBJECTIVES[cfg.conf.name]
     run.announce(
         f"{cfg.conf.name}, {len(train_records)} prompts, {len(eval_records)} held out, "
