@@ -97,8 +97,9 @@ def test_frontier_report_only_rebuilds_mean_and_std_from_each_seeds_sweep_file(
 def test_accuracy_by_mask_ratio_counts_masked_answer_tokens_only():
     """Stand-in models with hand-known answers: one that outputs the gold chat everywhere (1.0
     at every ratio), one that repeats its input with the mask id as its top logit (excluded,
-    so a masked position reads as its second choice, a token no answer holds: 0.0), and one right only at the EOS that ends the answer
-    (at t = 1 every one of the n answer tokens is masked: 1/n). Every call masks exactly
+    so a masked position reads as its second choice, a token no answer holds: 0.0), and one
+    right only at the EOS that ends the answer (at t = 1 every one of the n answer tokens is
+    masked: 1/n). Every call masks exactly
     max(1, round(t * n)) tokens, all of them answer tokens."""
     import torch
 
@@ -149,3 +150,24 @@ def test_accuracy_by_mask_ratio_counts_masked_answer_tokens_only():
     assert by_ratio["1.0"] == pytest.approx(1 / n)
     with pytest.raises(ValueError, match="no question/answer pairs"):
         learning_probe.accuracy_by_mask_ratio(oracle, tokenizer, [], 32)
+
+
+def test_make_sort_mix_appends_shorter_training_lists(tmp_path, monkeypatch):
+    import sys
+
+    from llada_train.data import synthetic
+    from llada_train.data.synthetic import is_heldout_sort
+
+    make_sort_mix = _load("make_sort_mix")
+    out = tmp_path / "mix.jsonl"
+    monkeypatch.setattr(sys, "argv", ["make_sort_mix.py", str(out), "--short", "10"])
+    make_sort_mix.main()
+    chats = [json.loads(line) for line in open(out)]
+    assert len(chats) == 20000 + 10
+    assert synthetic.SORT_LENGTH == 6  # the shipped length is restored
+    lists = [c["messages"][0]["content"].split(": ")[1].split() for c in chats[20000:]]
+    assert sorted(len(xs) for xs in lists) == [2, 2, 2, 3, 3, 3, 4, 4, 5, 5]
+    for chat, xs in zip(chats[20000:], lists, strict=True):
+        numbers = [int(x) for x in xs]
+        assert chat["messages"][1]["content"] == " ".join(map(str, sorted(numbers)))
+        assert not is_heldout_sort(numbers)
