@@ -148,20 +148,22 @@ def accuracy_by_mask_ratio(
     if not pairs:
         raise ValueError("accuracy_by_mask_ratio: no question/answer pairs")
     ids = special_ids(tokenizer)
+    layouts = [gold_layout(tokenizer, ids, q, gold, block_length) for q, gold in pairs]
     generator = torch.Generator().manual_seed(seed)
     out = {}
     for t in RATIOS:
         hits = total = 0
-        for question, gold in pairs:
-            x, answer, mask = gold_layout(tokenizer, ids, question, gold, block_length)
+        for x, answer, mask in layouts:
             where = answer.nonzero().squeeze(1)
             chosen = where[torch.randperm(len(where), generator=generator)]
             chosen = chosen[: max(1, round(t * len(where)))]
             noisy = x.clone()
             noisy[chosen] = ids.mask_id
-            logits = model(noisy[None], attention_mask=mask)[0, chosen].float()
-            logits[:, ids.mask_id] = float("-inf")  # never a candidate (sampler.adjust_logits)
-            pred = logits.argmax(-1)
+            logits = adjust_logits(  # the sampler's rule: the mask id is never a candidate
+                model(noisy[None], attention_mask=mask).float(), noisy.roll(1)[None],
+                torch.arange(len(noisy))[None] > 0, ids.mask_id, 0.0,
+            )  # fmt: skip  # no repetition penalty (as the Quality preset)
+            pred = logits[0, chosen].argmax(-1)
             hits += int((pred == x[chosen]).sum())
             total += len(chosen)
         out[str(t)] = hits / total

@@ -5,7 +5,7 @@
 Writes the shipped 6-number training chats (data/shipped/sort_sft_train.jsonl, 20000) followed
 by `--short` chats whose lists have 2, 3, 4 or 5 numbers (a quarter each), drawn by the shipped
 generator (`llada_train.data.synthetic.make_sort_sft`: the same phrasings, 10..99, training
-split by the same fixed hash) with `SORT_LENGTH` set per length. The held-out 6-number lists
+split by the same fixed hash) with its `length` set per length. The held-out 6-number lists
 and the lm-eval task are unchanged. Train on it with
     python -m llada_train.sft +recipe=tiny_sort "data.train_files=[OUT.jsonl]"
 """
@@ -30,14 +30,11 @@ def main() -> None:
     with open(os.path.join(DATA_DIR, "shipped", "sort_sft_train.jsonl")) as f:
         chats = [json.loads(line) for line in f]
     shipped = len(chats)
-    lengths, shipped_length = (2, 3, 4, 5), synthetic.SORT_LENGTH
-    try:
-        for i, length in enumerate(lengths):
-            synthetic.SORT_LENGTH = length
-            count = args.short // len(lengths) + (i < args.short % len(lengths))
-            chats += synthetic.make_sort_sft(random.Random(args.seed * 10 + length), count, False)
-    finally:
-        synthetic.SORT_LENGTH = shipped_length
+    lengths = (2, 3, 4, 5)
+    for i, length in enumerate(lengths):
+        count = args.short // len(lengths) + (i < args.short % len(lengths))
+        rng = random.Random(args.seed * 10 + length)
+        chats += synthetic.make_sort_sft(rng, count, heldout=False, length=length)
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     with open(args.out, "w") as f:
         for chat in chats:

@@ -236,22 +236,24 @@ def sort_answer(numbers: tuple[int, ...] | list[int]) -> str:
     return " ".join(map(str, sort_key(numbers)))
 
 
-def sample_sort_problem(rng: random.Random, heldout: bool) -> tuple[int, ...]:
-    """SORT_LENGTH numbers in the order they are asked, from the requested split (rejection)."""
+def sample_sort_problem(
+    rng: random.Random, heldout: bool, length: int = SORT_LENGTH
+) -> tuple[int, ...]:
+    """`length` numbers in the order they are asked, from the requested split (rejection)."""
     lo, hi = SORT_RANGE
     while True:
-        numbers = tuple(rng.randint(lo, hi) for _ in range(SORT_LENGTH))
+        numbers = tuple(rng.randint(lo, hi) for _ in range(length))
         if is_heldout_sort(numbers) == heldout:
             return numbers
 
 
 def sample_unique_sort_problems(
-    rng: random.Random, heldout: bool, count: int
+    rng: random.Random, heldout: bool, count: int, length: int = SORT_LENGTH
 ) -> list[tuple[int, ...]]:
-    """`count` lists with distinct multisets from one split."""
+    """`count` lists of `length` numbers with distinct multisets from one split."""
     problems, seen = [], set()
     for _ in range(count * 100):
-        numbers = sample_sort_problem(rng, heldout)
+        numbers = sample_sort_problem(rng, heldout, length)
         if sort_key(numbers) not in seen:
             seen.add(sort_key(numbers))
             problems.append(numbers)
@@ -580,13 +582,16 @@ def make_code_eval(rng: random.Random, tasks: list[CodeTask]) -> list[dict]:
     return records
 
 
-def make_sort_sft(rng: random.Random, num: int, heldout: bool) -> list[dict]:
-    """Sorting chats in the three phrasings; unique lists (by multiset) for the held-out split.
-    Every chat fits one 64-token block (see the module docstring)."""
+def make_sort_sft(
+    rng: random.Random, num: int, heldout: bool, length: int = SORT_LENGTH
+) -> list[dict]:
+    """Sorting chats in the three phrasings, lists of `length` numbers (the shipped files: 6;
+    scripts/make_sort_mix.py adds shorter ones); unique lists (by multiset) for the held-out
+    split. Every chat fits one 64-token block (see the module docstring)."""
     problems = (
-        sample_unique_sort_problems(rng, heldout=True, count=num)
+        sample_unique_sort_problems(rng, heldout=True, count=num, length=length)
         if heldout
-        else [sample_sort_problem(rng, heldout=False) for _ in range(num)]
+        else [sample_sort_problem(rng, heldout=False, length=length) for _ in range(num)]
     )
     return [
         {
