@@ -19,7 +19,8 @@ from llada_train.elbo import (
     sequence_log_ratio,
     stack_t,
 )
-from llada_train.rl.advantages import group_advantages, zero_variance_fraction
+from llada_train.rl.advantages import group_advantages, has_signal, zero_variance_fraction
+from llada_train.rl.loop import choose_groups
 from llada_train.rl.objectives import OBJECTIVES, ebpo_loss, grpo_loss, k3_kl
 
 MASK, EOS = 95, 94  # tiny vocabulary of 96 (conftest.tiny_config); real tokens are < 90
@@ -77,6 +78,24 @@ def test_reward_and_advantage_stats():
     a = advantage_stats(group_advantages(r, 4, eps=0.0))
     assert a["advantage/nonzero_fraction"] == pytest.approx(4 / 12)
     assert a["advantage/mean"] == pytest.approx(0.0)
+
+
+def test_dynamic_sampling_choice_hand_cases():
+    """DAPO dynamic sampling keeps the groups with reward variance, in sampling order, and fills
+    up with zero-variance ones only when too few have it."""
+    r = torch.tensor([[1.0, 0.0], [1.0, 1.0], [0.5, 0.5], [0.0, 1.0], [0.0, 0.25]])
+    assert has_signal(r).tolist() == [True, False, False, True, True]
+    groups = ["a", "b", "c", "d", "e"]
+    signal = has_signal(r).tolist()
+    assert choose_groups(groups, signal, 2) == ["a", "d"]
+    assert choose_groups(groups, signal, 3) == ["a", "d", "e"]
+    assert choose_groups(groups, signal, 4) == ["a", "b", "d", "e"]  # one filler, in order
+    assert choose_groups(groups, signal, 5) == groups  # the plain loop: every group, same order
+    assert choose_groups(["b", "c"], [False, False], 1) == ["b"]
+    with pytest.raises(ValueError, match="need 6 groups"):
+        choose_groups(groups, signal, 6)
+    with pytest.raises(ValueError, match="signal flags"):
+        choose_groups(groups, signal[:3], 2)
 
 
 # ------------------------------------------------------------------------------- noise, weights

@@ -139,3 +139,46 @@ def test_rl_from_a_mask_only_model_warns_and_keeps_its_fact(policy_dir, tmp_path
     proc = run_rl(tmp_path / "rl_m2t", policy, "max_steps=1", "eval_every=1",
                   "sampler.editing_threshold=null")  # fmt: skip
     assert "trained without T2T supervision" not in proc.stderr
+
+
+def test_dynamic_sampling_trains_on_groups_with_signal(tmp_path):
+    """rollout.max_rounds > 1 (DAPO dynamic sampling): rounds of fresh prompts until every kept
+    group has reward variance, at most max_rounds; a resumed run repeats the uninterrupted one.
+    The policy is test_golden's fixed-distribution one, whose groups have mixed rewards about 3
+    times in 4, so some batches need a second round."""
+    from tests.test_golden import constructed_policy
+
+    policy = tmp_path / "policy"
+    subprocess.run(
+        [sys.executable, "-m", "llada_train.model.init", "model=tiny", "seed=0", f"out={policy}"],
+        check=True, capture_output=True, env=ENV, timeout=300,
+    )  # fmt: skip
+    constructed_policy(policy)
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text(
+        "".join(
+            json.dumps({"prompt": f"Say 1, not {i}.", "answer": "1", "reward": "math"}) + "\n"
+            for i in range(8)
+        )
+    )
+    files = f"[{prompts}]"
+    args = ["rollout.max_rounds=3", "rollout.group_size=8", "rollout.prompts_per_step=2",
+            "micro_batch_size=8", "rollout.gen_length=8", "conf.num_levels=2",
+            "optim.min_lr_ratio=1.0",  # a constant lr: stopping at step 2 is then no change
+            f"data.train_files={files}", f"data.eval_files={files}", "eval_every=100"]  # fmt: skip
+    whole = tmp_path / "whole"
+    run_rl(whole, policy, *args, "max_steps=4")
+    train = [m for m in read_metrics(whole) if "reward/mean" in m]
+    assert [m["step"] for m in train] == [1, 2, 3, 4]
+    for m in train:
+        assert 1 <= m["rollout/rounds"] <= 3
+        if m["rollout/rounds"] < 3:  # it stopped early: the batch is full of signal
+            assert m["update/signal_groups"] == 1.0
+    assert any(m["rollout/rounds"] > 1 for m in train)  # these seeds do need a second round
+    # resumed at step 2: the same rounds, rewards and losses
+    resumed = tmp_path / "resumed"
+    run_rl(resumed, policy, *args, "max_steps=2")
+    run_rl(resumed, policy, *args, "max_steps=4")
+    again = [m for m in read_metrics(resumed) if "reward/mean" in m]
+    for key in ("rollout/rounds", "reward/mean", "loss", "zero_variance_groups"):
+        assert [m[key] for m in again] == [m[key] for m in train], key

@@ -56,9 +56,16 @@ def group_advantages(
     return torch.where(is_constant, 0.0, centred).float()
 
 
+def has_signal(rewards: torch.Tensor, group_size: int | None = None) -> torch.Tensor:
+    """(P,) bool: True for a group whose rewards are not all equal, i.e. one with a nonzero
+    advantage (DAPO's dynamic sampling keeps exactly these groups)."""
+    r = as_groups(rewards, group_size)  # (P, G)
+    return ~(r == r[:, :1]).all(dim=1)
+
+
 def zero_variance_fraction(rewards: torch.Tensor, group_size: int | None = None) -> float:
     """Share of groups whose rewards are all equal (they get A = 0 everywhere)."""
-    r = as_groups(rewards, group_size)  # (P, G)
-    if r.shape[0] == 0:
+    signal = has_signal(rewards, group_size)  # (P,)
+    if signal.numel() == 0:
         return 0.0
-    return float((r == r[:, :1]).all(dim=1).double().mean())
+    return float((~signal).double().mean())

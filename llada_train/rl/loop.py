@@ -20,6 +20,7 @@ import copy
 import json
 import os
 import time
+from dataclasses import dataclass, field
 
 import torch
 from omegaconf import DictConfig
@@ -38,7 +39,7 @@ from llada_train.elbo import elbo_noise, elbo_terms, level_weights, sequence_log
 from llada_train.errors import check_known_keys
 from llada_train.losses import micro_batch_loss
 from llada_train.model.io import training_default
-from llada_train.rl.advantages import group_advantages, zero_variance_fraction
+from llada_train.rl.advantages import group_advantages, has_signal
 from llada_train.rl.objectives import OBJECTIVES, loss_count
 from llada_train.rl.rewards import score_batch
 from llada_train.run import decoding, open_run
@@ -125,6 +126,112 @@ def rollout(
     return completions, dual_flags, stats
 
 
+def choose_groups(groups: list, signal: list[bool], size: int) -> list:
+    """The `size` groups a dynamic-sampling batch trains on, in sampling order: the first
+    `size` groups with signal (reward variance), and, if fewer have it, the first
+    zero-variance ones to fill up. E.g. signal [F, T, F, T, T], size 2 -> groups 1, 3; signal
+    [F, T, F], size 2 -> groups 0, 1; all groups when size == len(groups) (no filtering).
+    Raises ValueError when fewer than `size` groups exist."""
+    if len(groups) != len(signal):
+        raise ValueError(f"{len(groups)} groups but {len(signal)} signal flags")
+    if len(groups) < size:
+        raise ValueError(f"need {size} groups, got {len(groups)}")
+    with_signal = [i for i, s in enumerate(signal) if s][:size]
+    without = [i for i, s in enumerate(signal) if not s][: size - len(with_signal)]
+    return [groups[i] for i in sorted(with_signal + without)]
+
+
+@dataclass
+class RolloutBatch:
+    """One rank's rollouts of one step. `examples`, `completions`, `texts`, `dual_flags` and
+    `rewards` hold the kept groups (per_rank groups of G, prompt-major): what the update trains
+    on. The `sampled_*` fields sum over every group sampled in every round (the rollout policy's
+    reward and signal, whatever was kept)."""
+
+    examples: list[dict] = field(default_factory=list)
+    completions: list[list[int]] = field(default_factory=list)
+    texts: list[str] = field(default_factory=list)
+    dual_flags: list[bool] = field(default_factory=list)
+    rewards: list[float] = field(default_factory=list)
+    rounds: int = 0
+    reward_errors: int = 0
+    sampled_rewards: list[float] = field(default_factory=list)
+    sampled_names: list[str] = field(default_factory=list)  # each sampled reward's function
+    sampled_groups: int = 0
+    sampled_signal_groups: int = 0
+    sampled_response_tokens: int = 0
+    stats: list = field(default_factory=list)  # the sampler's DecodeStats of every call
+
+
+def collect_rollouts(
+    model, ids, tokenizer, s_cfg, records: list[dict], cfg: DictConfig, step: int, rank: int,
+    per_rank: int, device,
+) -> RolloutBatch:  # fmt: skip
+    """This rank's rollout groups of `step`, with DAPO's dynamic sampling when
+    rollout.max_rounds > 1 (Yu et al. 2025, "DAPO", section 3.2: keep sampling until the batch
+    is full of groups whose rewards are not all equal).
+
+    Round r draws this rank's per_rank prompts of the global batch at position step * R + r of
+    the seeded prompt order (R = rollout.max_rounds; R = 1 gives exactly the plain loop's
+    prompts and seeds) and decodes G completions of each (`rollout`, dual mode by
+    rollout.dual_mode_fraction of every round), then scores them. Groups with reward variance
+    are kept in sampling order; the rounds stop once per_rank of them are kept or R rounds
+    ran. When they run out first, zero-variance groups (advantage 0, so no gradient from the
+    clipped objective) fill the batch in sampling order: every rank always updates on
+    per_rank groups, a fixed number of micro-batches. A kept group's gradient is unchanged by
+    the filtering; what changes is how many of the batch's groups carry one.
+
+    Randomness is a function of (seed, step, rank, round), so a resumed run repeats. Ranks stop
+    independently (no collective inside). Raises nothing of its own; reward failures score 0
+    and are counted in `reward_errors`.
+    """
+    group = cfg.rollout.group_size
+    rounds = cfg.rollout.max_rounds
+    dual_groups = round(cfg.rollout.dual_mode_fraction * per_rank)
+    out = RolloutBatch()
+    groups: list[tuple] = []  # every sampled group, in sampling order
+    signals: list[bool] = []
+    for r in range(rounds):
+        indices = step_prompt_indices(
+            len(records), step * rounds + r, cfg.rollout.prompts_per_step, cfg.seed
+        )
+        mine = [records[i] for i in indices[rank * per_rank : (rank + 1) * per_rank]]
+        completions, dual_flags, stats = rollout(
+            model, ids, s_cfg, [m["prompt_ids"] for m in mine], group, dual_groups,
+            example_seed(cfg.seed, step, rank, r), device,
+        )  # fmt: skip
+        examples = [mine[i // group] for i in range(len(completions))]
+        texts = [tokenizer.decode(c, skip_special_tokens=True) for c in completions]
+        rewards, errors = score_batch(
+            [e["reward"] for e in examples], texts, examples, max_workers=cfg.rollout.reward_workers
+        )
+        signal = has_signal(torch.tensor(rewards, dtype=torch.float32), group)  # (per_rank,)
+        out.rounds += 1
+        out.reward_errors += errors
+        out.stats.extend(stats)
+        out.sampled_rewards.extend(rewards)
+        out.sampled_names.extend(e["reward"] for e in examples)
+        out.sampled_groups += len(mine)
+        out.sampled_signal_groups += int(signal.sum())
+        out.sampled_response_tokens += sum(len(c) for c in completions)
+        for g in range(len(mine)):
+            rows = slice(g * group, (g + 1) * group)
+            item = (examples[rows], completions[rows], texts[rows], dual_flags[rows], rewards[rows])
+            groups.append(item)
+            signals.append(bool(signal[g]))
+        if sum(signals) >= per_rank:
+            break
+    for examples, completions, texts, dual_flags, rewards in choose_groups(
+        groups, signals, per_rank
+    ):
+        out.examples += examples
+        out.completions += completions
+        out.texts += texts
+        out.dual_flags += dual_flags
+        out.rewards += rewards
+    return out
+
+
 def build_sequences(prompts, completions, eos_id: int, block_length: int, device):
     """x0 = [prompt ; completion ; EOS padding] (B, L), L a multiple of block_length, and the
     response mask (B, L): completion tokens (EOS included), never the prompt or the padding."""
@@ -173,6 +280,10 @@ def check_rl_config(cfg: DictConfig, world_size: int) -> tuple[int, int]:
         raise ValueError(
             f"{sequences} sequences per rank (prompts {per_rank} x group {r.group_size}) must be a "
             f"multiple of micro_batch_size={cfg.micro_batch_size}"
+        )
+    if r.max_rounds < 1:
+        raise ValueError(
+            f"rollout.max_rounds={r.max_rounds} must be >= 1 (1 = no dynamic sampling)"
         )
     if r.temperature <= 0:
         raise ValueError(
@@ -246,26 +357,16 @@ def rl_train(cfg: DictConfig) -> str:
                disable=not (info.is_main and cfg.progress))  # fmt: skip
     for step in range(run.start_step, cfg.max_steps):
         t0 = time.perf_counter()
-        # ---- rollouts (this rank's prompts, all G completions of each)
-        indices = step_prompt_indices(
-            len(train_records), step, cfg.rollout.prompts_per_step, cfg.seed
-        )
-        mine = [
-            train_records[i] for i in indices[info.rank * per_rank : (info.rank + 1) * per_rank]
-        ]
+        # ---- rollouts (this rank's prompts, all G completions of each; DAPO dynamic sampling)
         group = cfg.rollout.group_size
-        dual_groups = round(cfg.rollout.dual_mode_fraction * per_rank)
         with decoding(model) as whole:
-            completions, dual_flags, rollout_stats = rollout(
-                whole, ids, base_sampler, [r["prompt_ids"] for r in mine], group, dual_groups,
-                example_seed(cfg.seed, step, info.rank, 0), info.device,
+            batch = collect_rollouts(
+                whole, ids, tokenizer, base_sampler, train_records, cfg, step, info.rank,
+                per_rank, info.device,
             )  # fmt: skip
         t_rollout = time.perf_counter() - t0
-        examples = [mine[i // group] for i in range(len(completions))]
-        texts = [tokenizer.decode(c, skip_special_tokens=True) for c in completions]
-        rewards, reward_errors = score_batch(
-            [e["reward"] for e in examples], texts, examples, max_workers=cfg.rollout.reward_workers
-        )
+        examples, completions, texts = batch.examples, batch.completions, batch.texts
+        rewards, dual_flags = batch.rewards, batch.dual_flags
         rewards_t = torch.tensor(rewards, dtype=torch.float32).view(per_rank, group)
         advantages = (
             group_advantages(rewards_t, scale_std=cfg.conf.scale_std).reshape(-1).to(info.device)
@@ -344,16 +445,20 @@ def rl_train(cfg: DictConfig) -> str:
         total = all_reduce_sums(
             {
                 **update,
-                "reward_sum": sum(rewards),
-                "reward_sq_sum": sum(r * r for r in rewards),
-                "num_rewards": len(rewards),
-                "reward_errors": reward_errors,
-                "response_tokens": sum(len(c) for c in completions),
-                "zero_variance_groups": zero_variance_fraction(rewards_t, group) * per_rank,
-                "groups": per_rank,
-                "rollout_tokens": sum(s.num_tokens for s in rollout_stats),
-                "rollout_forwards": sum(s.num_forwards for s in rollout_stats),
-                "advantage_abs_sum": float(advantages.abs().mean()) * len(rewards),
+                "reward_sum": sum(batch.sampled_rewards),
+                "reward_sq_sum": sum(r * r for r in batch.sampled_rewards),
+                "num_rewards": len(batch.sampled_rewards),
+                "reward_errors": batch.reward_errors,
+                "response_tokens": batch.sampled_response_tokens,
+                "zero_variance_groups": batch.sampled_groups - batch.sampled_signal_groups,
+                "groups": batch.sampled_groups,
+                "rounds": batch.rounds,
+                "kept_signal_groups": float(has_signal(rewards_t).sum()),
+                "kept_groups": per_rank,
+                "kept_rewards": len(rewards),
+                "rollout_tokens": sum(s.num_tokens for s in batch.stats),
+                "rollout_forwards": sum(s.num_forwards for s in batch.stats),
+                "advantage_abs_sum": float(advantages.abs().sum()),
             },
             info.device,
         )
@@ -364,8 +469,10 @@ def rl_train(cfg: DictConfig) -> str:
             "reward/mean": mean_r,
             "reward/std": max(0.0, float(total["reward_sq_sum"]) / n - mean_r**2) ** 0.5,
             "reward/errors": float(total["reward_errors"]),
-            "advantage/abs_mean": float(total["advantage_abs_sum"]) / n,
+            "advantage/abs_mean": float(total["advantage_abs_sum"] / total["kept_rewards"]),
             "zero_variance_groups": float(total["zero_variance_groups"] / total["groups"]),
+            "rollout/rounds": float(total["rounds"]) / info.world_size,
+            "update/signal_groups": float(total["kept_signal_groups"] / total["kept_groups"]),
             "response_length/mean": float(total["response_tokens"]) / n,
             "rollout/tpf": float(total["rollout_tokens"] / total["rollout_forwards"].clamp_min(1)),
             "rollout/time_s": t_rollout,
@@ -379,8 +486,9 @@ def rl_train(cfg: DictConfig) -> str:
             "lr/applied": lr_applied,
             "nonfinite/updates": run.num_nonfinite,
         }
-        for name in sorted({e["reward"] for e in examples}):
-            vals = [r for r, e in zip(rewards, examples, strict=True) if e["reward"] == name]
+        sampled = list(zip(batch.sampled_names, batch.sampled_rewards, strict=True))
+        for name in sorted(set(batch.sampled_names)):  # this rank's sampled rollouts
+            vals = [r for f, r in sampled if f == name]
             metrics[f"reward/{name}"] = sum(vals) / len(vals)
         if run.should_log(step + 1):
             run.tracker.log(metrics, step=step + 1)
