@@ -268,8 +268,8 @@ class RolloutConfig:
     dual_mode_fraction: float = 0.5  # share of groups decoded M2T+T2T; the rest M2T only
     reward_workers: int = 8
     # DAPO dynamic sampling (rl/loop.py collect_rollouts): up to this many rounds of fresh
-    # prompts per rollout batch, keeping groups with reward variance until prompts_per_step of
-    # them fill the batch; 1 = off (every sampled group is trained on)
+    # prompts per rollout batch, each rank keeping groups with reward variance until its
+    # prompts_per_step / W of them fill its batch; 1 = off (every sampled group is trained on)
     max_rounds: int = 1
 
 

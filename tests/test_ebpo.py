@@ -20,7 +20,7 @@ from llada_train.elbo import (
     stack_t,
 )
 from llada_train.rl.advantages import group_advantages, has_signal, zero_variance_fraction
-from llada_train.rl.loop import choose_groups
+from llada_train.rl.loop import choose_groups, collect_rollouts, step_prompt_indices
 from llada_train.rl.objectives import OBJECTIVES, ebpo_loss, grpo_loss, k3_kl
 
 MASK, EOS = 95, 94  # tiny vocabulary of 96 (conftest.tiny_config); real tokens are < 90
@@ -96,6 +96,81 @@ def test_dynamic_sampling_choice_hand_cases():
         choose_groups(groups, signal, 6)
     with pytest.raises(ValueError, match="signal flags"):
         choose_groups(groups, signal[:3], 2)
+
+
+def test_collect_rollouts_rounds_prompts_and_seeds(monkeypatch):
+    """Which prompts and seeds each round of dynamic sampling uses, when it stops, what it keeps
+    and what it counts. The sampler and the reward are replaced by stand-ins that record their
+    calls (the real ones run end to end in tests/test_rl.py); prompt i's group has reward
+    variance iff i is in SIGNAL."""
+    from omegaconf import OmegaConf
+
+    import llada_train.rl.loop as loop
+    from llada_train.corruption import example_seed
+
+    SIGNAL = {3, 8, 11, 17}
+    calls = []
+
+    def fake_rollout(model, ids, s_cfg, prompts, group_size, dual_groups, seed, device):
+        calls.append(([p[0] for p in prompts], seed, dual_groups))
+        completions = [[p[0], k] for p in prompts for k in range(group_size)]
+        flags = [g < dual_groups for g in range(len(prompts)) for _ in range(group_size)]
+        return completions, flags, ["stats"]
+
+    def fake_score(names, texts, examples, max_workers):
+        rewards = []
+        for text, example in zip(texts, examples, strict=True):
+            k = int(text.split()[1])
+            rewards.append(float(k == 0) if example["prompt_ids"][0] in SIGNAL else 1.0)
+        return rewards, 0
+
+    class Decoder:
+        def decode(self, tokens, skip_special_tokens=True):
+            return " ".join(map(str, tokens))
+
+    monkeypatch.setattr(loop, "rollout", fake_rollout)
+    monkeypatch.setattr(loop, "score_batch", fake_score)
+    records = [{"prompt_ids": [i], "reward": "math"} for i in range(20)]
+
+    def collect(rounds, step, rank, per_rank=2, world=2):
+        calls.clear()
+        cfg = OmegaConf.create({"seed": 5, "rollout": {
+            "group_size": 3, "max_rounds": rounds, "prompts_per_step": per_rank * world,
+            "dual_mode_fraction": 0.5, "reward_workers": 1}})  # fmt: skip
+        out = collect_rollouts(
+            None, None, Decoder(), None, records, cfg, step, rank, per_rank, "cpu"
+        )
+        for r, (prompts, seed, dual) in enumerate(calls):
+            order = step_prompt_indices(len(records), step * rounds + r, per_rank * world, 5)
+            assert prompts == order[rank * per_rank : (rank + 1) * per_rank]
+            assert seed == example_seed(5, step, rank, r) and dual == 1
+        return out, [p for prompts, _, _ in calls for p in prompts]
+
+    # off (R = 1): one round, the plain loop's prompts, every group kept
+    out, seen = collect(1, step=3, rank=1)
+    assert out.rounds == 1 and [e["prompt_ids"][0] for e in out.examples[::3]] == seen
+    # R rounds at most, until this rank holds 2 groups with signal; kept groups in sampling order
+    branches = set()
+    for rounds, step, rank in [(8, 0, 0), (8, 0, 1), (8, 4, 1), (2, 1, 0), (2, 2, 1)]:
+        out, seen = collect(rounds, step, rank)
+        hits = [p for p in seen if p in SIGNAL]
+        kept = [e["prompt_ids"][0] for e in out.examples[::3]]
+        assert out.rounds == len(calls) <= rounds and out.sampled_groups == len(seen) == 2 * len(
+            calls
+        )
+        if len(hits) >= 2:  # stopped at the round that found the second one
+            branches.add("stopped")
+            assert kept == hits[:2] and sum(p in SIGNAL for p in seen[:-2]) < 2
+        else:  # every round ran; zero-variance groups fill up, in sampling order
+            branches.add("filled")
+            fillers = [p for p in seen if p not in SIGNAL][: 2 - len(hits)]
+            assert out.rounds == rounds and kept == [p for p in seen if p in hits + fillers]
+        assert out.sampled_signal_groups == len(hits)
+        assert out.rewards == [
+            r for p in kept for r in ([1.0, 0.0, 0.0] if p in SIGNAL else [1.0] * 3)
+        ]
+        assert len(out.sampled_rewards) == 3 * len(seen) and out.stats == ["stats"] * out.rounds
+    assert branches == {"stopped", "filled"}  # both paths are exercised
 
 
 # ------------------------------------------------------------------------------- noise, weights

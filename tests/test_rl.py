@@ -62,7 +62,8 @@ def test_literal_command_runs_and_logs(policy_dir, tmp_path):
     assert [m["step"] for m in evals] == [0, 2]
     for key in ("reward/math", "reward/std", "advantage/abs_mean", "ratio/mean", "clip_fraction",
                 "zero_variance_groups", "response_length/mean", "rollout/tpf", "rollout/time_s",
-                "time/elbo_old_s", "time/update_s"):  # fmt: skip
+                "time/elbo_old_s", "time/update_s", "rollout/rounds", "update/signal_groups",
+                "update/dual_groups"):  # fmt: skip
         assert key in train[0], key
     # first update of every batch starts at theta_old with the same noise: ratio exactly 1 there;
     # with 2 updates per batch the mean over both can only move after the first step
@@ -95,6 +96,8 @@ def test_bad_config_is_explained(policy_dir, tmp_path):
         tmp_path / "rl", policy_dir, "rollout.prompts_per_step=3", "micro_batch_size=5", check=False
     )
     assert proc.returncode != 0 and "must be a multiple of micro_batch_size=5" in proc.stderr
+    proc = run_rl(tmp_path / "rl", policy_dir, "rollout.max_rounds=0", check=False)
+    assert proc.returncode != 0 and "rollout.max_rounds=0 must be >= 1" in proc.stderr
     proc = subprocess.run(
         [sys.executable, "-m", "llada_train.rl", "conf=ebpo", f"init_from={tmp_path}/nothing"],
         capture_output=True, text=True, env=ENV, timeout=300,

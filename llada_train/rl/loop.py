@@ -6,12 +6,15 @@ Reads top to bottom, one rollout batch per step:
     rollouts with the shared sampler at temperature > 0 (weights gathered once under ZeRO-3); a
     share of the groups decodes M2T+T2T ("dual mode"), the rest M2T only
     rewards (plain functions by name; a failing reward scores 0 and is counted)
+    with rollout.max_rounds > 1 (DAPO dynamic sampling), more rounds of fresh prompts until the
+    batch is full of groups with reward variance (`collect_rollouts`)
     group-relative advantages
     theta_old terms: one no-grad forward per noise level of [y_t ; y] gives every block's term
     `updates_per_batch` optimizer steps on the clipped sequence-ratio objective, with the same
     noise draws as theta_old (common random numbers), so the first ratio is exactly 1
     log; held-out reward every `eval_every` steps; atomic checkpoint + HF export
-Randomness is a function of (seed, step, rank), so a resumed run repeats an uninterrupted one.
+Randomness is a function of (seed, step, rank, round), so a resumed run repeats an uninterrupted
+one (given deterministic rewards: a code reward that times out can change which groups are kept).
 """
 
 from __future__ import annotations
@@ -145,8 +148,8 @@ def choose_groups(groups: list, signal: list[bool], size: int) -> list:
 class RolloutBatch:
     """One rank's rollouts of one step. `examples`, `completions`, `texts`, `dual_flags` and
     `rewards` hold the kept groups (per_rank groups of G, prompt-major): what the update trains
-    on. The `sampled_*` fields sum over every group sampled in every round (the rollout policy's
-    reward and signal, whatever was kept)."""
+    on. The `sampled_*` fields cover every group sampled in every round (the rollout policy's
+    reward and signal, whatever was kept): per-completion lists, or counts."""
 
     examples: list[dict] = field(default_factory=list)
     completions: list[list[int]] = field(default_factory=list)
@@ -173,13 +176,19 @@ def collect_rollouts(
 
     Round r draws this rank's per_rank prompts of the global batch at position step * R + r of
     the seeded prompt order (R = rollout.max_rounds; R = 1 gives exactly the plain loop's
-    prompts and seeds) and decodes G completions of each (`rollout`, dual mode by
-    rollout.dual_mode_fraction of every round), then scores them. Groups with reward variance
-    are kept in sampling order; the rounds stop once per_rank of them are kept or R rounds
-    ran. When they run out first, zero-variance groups (advantage 0, so no gradient from the
-    clipped objective) fill the batch in sampling order: every rank always updates on
-    per_rank groups, a fixed number of micro-batches. A kept group's gradient is unchanged by
-    the filtering; what changes is how many of the batch's groups carry one.
+    prompts and seeds). Every step reserves R positions whether or not its later rounds run,
+    so with R > 1 an epoch of prompts passes in 1/R of the steps, and a prompt may come twice
+    in one step when R * prompts_per_step exceeds the data. Each round decodes G completions
+    of each prompt (`rollout`: the first round(rollout.dual_mode_fraction * per_rank) groups
+    of every round in dual mode) and scores them. Groups with reward variance are kept in
+    sampling order; the rounds stop once per_rank of them are kept or R rounds ran. When they
+    run out first, zero-variance groups (advantage 0, so no gradient from the clipped
+    objective; the k3 KL term still has one when conf.kl_coef > 0) fill the batch in sampling
+    order: every rank always updates on per_rank groups, a fixed number of micro-batches.
+    Sampling order puts a round's dual-mode groups first, so a cut-short last round and the
+    fillers favour them (`update/dual_groups` logs the kept share). With EBPO (a mean over
+    sequences) a kept group's gradient is the one it has unfiltered; with GRPO's token mean
+    the denominator is the kept batch's response tokens.
 
     Randomness is a function of (seed, step, rank, round), so a resumed run repeats. Ranks stop
     independently (no collective inside). Raises nothing of its own; reward failures score 0
@@ -285,6 +294,11 @@ def check_rl_config(cfg: DictConfig, world_size: int) -> tuple[int, int]:
         raise ValueError(
             f"rollout.max_rounds={r.max_rounds} must be >= 1 (1 = no dynamic sampling)"
         )
+    if r.max_rounds > 1 and r.group_size < 2:
+        raise ValueError(
+            f"rollout.max_rounds={r.max_rounds} needs rollout.group_size >= 2: a group of one "
+            "never has reward variance, so every round would be spent for nothing"
+        )
     if r.temperature <= 0:
         raise ValueError(
             "rollout.temperature must be > 0: a group of identical greedy answers has no signal"
@@ -306,7 +320,12 @@ def rl_train(cfg: DictConfig) -> str:
     cfg.block_length = training_default("block_length", cfg.block_length, cfg.init_from, 32)
     per_rank, accumulation = check_rl_config(cfg, world_size_from_env())
     run = open_run(
-        cfg, "rl", {"global_batch": [cfg.rollout.prompts_per_step, cfg.rollout.group_size]}
+        cfg,
+        "rl",
+        {  # rollout_rounds moves the prompt stream (collect_rollouts): a resume must keep it
+            "global_batch": [cfg.rollout.prompts_per_step, cfg.rollout.group_size],
+            "rollout_rounds": cfg.rollout.max_rounds,
+        },
     )
     info, tokenizer, ids = run.info, run.tokenizer, run.ids
     max_positions = run.model_config.max_position_embeddings
@@ -455,6 +474,7 @@ def rl_train(cfg: DictConfig) -> str:
                 "rounds": batch.rounds,
                 "kept_signal_groups": float(has_signal(rewards_t).sum()),
                 "kept_groups": per_rank,
+                "kept_dual_groups": sum(dual_flags[::group]),
                 "kept_rewards": len(rewards),
                 "rollout_tokens": sum(s.num_tokens for s in batch.stats),
                 "rollout_forwards": sum(s.num_forwards for s in batch.stats),
@@ -473,6 +493,7 @@ def rl_train(cfg: DictConfig) -> str:
             "zero_variance_groups": float(total["zero_variance_groups"] / total["groups"]),
             "rollout/rounds": float(total["rounds"]) / info.world_size,
             "update/signal_groups": float(total["kept_signal_groups"] / total["kept_groups"]),
+            "update/dual_groups": float(total["kept_dual_groups"] / total["kept_groups"]),
             "response_length/mean": float(total["response_tokens"]) / n,
             "rollout/tpf": float(total["rollout_tokens"] / total["rollout_forwards"].clamp_min(1)),
             "rollout/time_s": t_rollout,
