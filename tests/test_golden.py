@@ -113,6 +113,22 @@ def constructed_policy(directory) -> None:
     save_file(state, path, metadata={"format": "pt"})
 
 
+def say_one_setup(directory) -> tuple:
+    """(policy dir, Hydra list of the prompt file) under `directory`: `constructed_policy` on a
+    fresh tiny model (seed 0) and 8 prompts "Say 1, not i." whose math answer is 1."""
+    policy = directory / "policy"
+    run(["llada_train.model.init", "model=tiny", "seed=0", f"out={policy}"])
+    constructed_policy(policy)
+    prompts = directory / "prompts.jsonl"
+    prompts.write_text(
+        "".join(
+            json.dumps({"prompt": f"Say 1, not {i}.", "answer": "1", "reward": "math"}) + "\n"
+            for i in range(8)
+        )
+    )
+    return policy, f"[{prompts}]"
+
+
 def collect(run_dir, keys: list[str]) -> list[dict]:
     rows = [m for m in read_metrics(run_dir) if keys[0] in m]
     return [{"step": m["step"], **{k: m[k] for k in keys}} for m in rows]
@@ -125,17 +141,7 @@ def measured(tmp_path_factory) -> dict:
     sft = [*TRAIN, "corruption.t_min=0.3"]
     run(["llada_train.sft", *sft, "max_steps=6", f"output_dir={tmp / 'sft'}"])
     run(["llada_train.cpt", *TRAIN, "max_steps=4", f"output_dir={tmp / 'cpt'}"])
-    policy = tmp / "policy"
-    run(["llada_train.model.init", "model=tiny", "seed=0", f"out={policy}"])
-    constructed_policy(policy)
-    prompts = tmp / "prompts.jsonl"
-    prompts.write_text(
-        "".join(
-            json.dumps({"prompt": f"Say 1, not {i}.", "answer": "1", "reward": "math"}) + "\n"
-            for i in range(8)
-        )
-    )
-    files = f"[{prompts}]"
+    policy, files = say_one_setup(tmp)
     run(["llada_train.rl", *RL, f"init_from={policy}", f"output_dir={tmp / 'rl'}",
          f"data.train_files={files}", f"data.eval_files={files}"])  # fmt: skip
     return {name: collect(tmp / name.replace("ebpo", "rl"), keys) for name, keys in KEYS.items()}

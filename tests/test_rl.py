@@ -149,22 +149,9 @@ def test_dynamic_sampling_trains_on_groups_with_signal(tmp_path):
     group has reward variance, at most max_rounds; a resumed run repeats the uninterrupted one.
     The policy is test_golden's fixed-distribution one, whose groups have mixed rewards about 3
     times in 4, so some batches need a second round."""
-    from tests.test_golden import constructed_policy
+    from tests.test_golden import say_one_setup
 
-    policy = tmp_path / "policy"
-    subprocess.run(
-        [sys.executable, "-m", "llada_train.model.init", "model=tiny", "seed=0", f"out={policy}"],
-        check=True, capture_output=True, env=ENV, timeout=300,
-    )  # fmt: skip
-    constructed_policy(policy)
-    prompts = tmp_path / "prompts.jsonl"
-    prompts.write_text(
-        "".join(
-            json.dumps({"prompt": f"Say 1, not {i}.", "answer": "1", "reward": "math"}) + "\n"
-            for i in range(8)
-        )
-    )
-    files = f"[{prompts}]"
+    policy, files = say_one_setup(tmp_path)
     args = ["rollout.max_rounds=3", "rollout.group_size=8", "rollout.prompts_per_step=2",
             "micro_batch_size=8", "rollout.gen_length=8", "conf.num_levels=2",
             "optim.min_lr_ratio=1.0",  # a constant lr: stopping at step 2 is then no change
