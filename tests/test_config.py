@@ -148,8 +148,9 @@ def test_no_library_module_imports_an_entry_point():
 
 def test_tiny_sort_recipes_differ_from_tiny_only_in_data_and_folders():
     """recipes/tiny_sort.yaml (SFT) and recipes/rl/tiny_sort.yaml inherit everything of their
-    tiny recipe (model, optimiser, schedule, batch), so a change to tiny moves both tasks; only
-    the data (and held-out check), folders and block_length 64 (one block per chat) differ."""
+    tiny recipe (model, optimiser, schedule shape, batch), so a change to tiny moves both tasks;
+    only the data (and held-out check), folders, block_length 64 (one block per chat) and the SFT
+    length (3000 steps: sorting's plateau is longer, docs/learning.md) differ."""
     from omegaconf import OmegaConf
 
     def plain(entry, recipe):
@@ -158,7 +159,9 @@ def test_tiny_sort_recipes_differ_from_tiny_only_in_data_and_folders():
 
     sort, tiny = plain("sft", "tiny_sort"), plain("sft", "tiny")
     changed = {"data", "checkpoint", "output_dir", "block_length", "sampler", "heldout"}
+    changed |= {"max_steps"}
     assert {k for k in sort if sort[k] != tiny[k]} == changed
+    assert (sort["max_steps"], tiny["max_steps"]) == (3000, 1500)
     assert sort["heldout"] == {
         **tiny["heldout"],
         "files": [os.path.join(llada_train.DATA_DIR, "shipped", "sort_sft_eval.jsonl")],
