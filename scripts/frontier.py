@@ -7,7 +7,8 @@ sampler over a sweep of mask thresholds with T2T editing off and on (editing thr
 Speed mode's), plus the Quality and Speed presets themselves (conf/sampler/quality.yaml,
 speed.yaml), and records exact match and tokens per forward (TPF). Across seeds every row gets
 mean and standard deviation. Writes `<out>/frontier.json` (every seed's rows), `<out>/frontier.md`
-(the table, mean +- std) and `<out>/frontier.png` (the plot, error bars = std over seeds).
+(the table, mean +- std), `<out>/frontier.png` (the plot, error bars = std over seeds) and, with
+more than one seed, `<out>/frontier_seeds.png` (one panel per seed).
 
     python scripts/frontier.py --task sort --seeds 0 1 2 --out results/frontier_sort
     python scripts/frontier.py --task addition --out results/frontier     # the first study
@@ -153,6 +154,23 @@ def write_report(rows: list[dict], out: str) -> None:
     if plt is None:
         return
     fig, ax = plt.subplots(figsize=(7, 4.5))
+    draw_frontier(ax, table, rows[0]["task"])
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(os.path.join(out, "frontier.png"), dpi=120)
+    if len(seeds) > 1:  # the mean hides which seed learned: one panel per seed
+        fig, axes = plt.subplots(1, len(seeds), figsize=(4.5 * len(seeds), 4), sharey=True)
+        for ax, seed in zip(axes, seeds, strict=True):
+            draw_frontier(ax, aggregate([r for r in rows if r["seed"] == seed]), rows[0]["task"])
+            ax.set_title(f"seed {seed}")
+        axes[0].legend(fontsize=6)
+        fig.tight_layout()
+        fig.savefig(os.path.join(out, "frontier_seeds.png"), dpi=120)
+
+
+def draw_frontier(ax, table: list[dict], task: str) -> None:
+    """Accuracy against TPF of `aggregate` rows: the sweeps with editing off and on as lines, the
+    Q and S presets as markers, error bars = std over the rows' seeds."""
     for name in sorted({r["model"] for r in table}):
         for editing, style in ((False, "--"), (True, "-")):
             label = f"sweep, editing {'on' if editing else 'off'}"
@@ -167,10 +185,7 @@ def write_report(rows: list[dict], out: str) -> None:
                         yerr=p["accuracy_std"], fmt=marker, markersize=11, capsize=2,
                         label=f"{name}, {preset}")  # fmt: skip
     ax.set_xlabel("tokens per forward (lower threshold ->)")
-    ax.set_ylabel(f"exact match, held-out ({rows[0]['task']})")
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(os.path.join(out, "frontier.png"), dpi=120)
+    ax.set_ylabel(f"exact match, held-out ({task})")
 
 
 def main() -> None:

@@ -9,6 +9,7 @@ import os
 import pytest
 
 from llada_train import REPO_ROOT
+from llada_train.tracking import optional_pyplot
 
 
 def _load(name: str):
@@ -88,6 +89,9 @@ def test_frontier_report_only_rebuilds_mean_and_std_from_each_seeds_sweep_file(
         "| mask_noise | Q preset | 0.7 | 0.750 +- 0.250 | 0.500 / 1.000 | 2.50 +- 0.50 |" in table
     )
     assert len(json.loads((out / "frontier.json").read_text())) == 8
+    if optional_pyplot() is not None:  # the mean plot and one panel per seed
+        assert (out / "frontier.png").stat().st_size > 0
+        assert (out / "frontier_seeds.png").stat().st_size > 0
 
     monkeypatch.setattr("sys.argv", [*argv[:3], "2", "--out", str(out)])
     with pytest.raises(SystemExit, match="seed2/sweep.json is missing"):
