@@ -28,6 +28,13 @@ from collections.abc import Callable
 from typing import Any
 
 EXIT_USER_ERROR = 2
+# What to pass for a mandatory config value (`???` in a schema) that is missing at launch.
+MISSING_HINTS = {
+    "init_from": "the SFT run or HF-format checkpoint to start from, e.g. init_from=runs/sft",
+    "model": "a model config, e.g. model=tiny, or init_from=DIR of an HF-format checkpoint",
+    "model_dir": "an HF-format LLaDA2.x directory or run dir, e.g. model_dir=runs/sft",
+    "out": "the output directory, e.g. out=runs/init",
+}
 _DISK_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
 
 
@@ -42,14 +49,34 @@ _PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
 _default_format = warnings.formatwarning
 
 
+def missing_value_message(cfg: Any) -> str | None:
+    """The one-line message for the first mandatory value (`???`) left unset in `cfg`, naming
+    the key and what to pass; None when every mandatory value is set."""
+    from omegaconf import OmegaConf
+
+    missing = sorted(OmegaConf.missing_keys(cfg))
+    if not missing:
+        return None
+    key = missing[0]
+    hint = MISSING_HINTS.get(key.split(".")[-1], f"pass {key}=VALUE on the command line")
+    more = f" (also missing: {', '.join(missing[1:])})" if len(missing) > 1 else ""
+    return f"missing mandatory config value '{key}': {hint}{more}"
+
+
 def user_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
     """Decorate a Hydra task function: ValueError -> `error: ...` on stderr, exit status 2;
-    warnings raised by this package print as one `warning: ...` line."""
+    a mandatory value left unset (`???`, e.g. RL's init_from) is checked before the task runs
+    and reported the same way; warnings raised by this package print as one `warning: ...`
+    line."""
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         warnings.formatwarning = _format_warning
         try:
+            cfg = args[0] if args else None
+            message = missing_value_message(cfg) if cfg is not None else None
+            if message is not None:
+                raise ValueError(message)
             return fn(*args, **kwargs)
         except ValueError as e:
             if os.environ.get("HYDRA_FULL_ERROR") == "1":

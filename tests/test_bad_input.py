@@ -175,3 +175,21 @@ def test_cli_prints_one_line_exits_2_and_keeps_the_trace_on_request(truncated_di
     full = subprocess.run(cmd, capture_output=True, text=True, timeout=300,
                           env={**ENV, "HYDRA_FULL_ERROR": "1"})  # fmt: skip
     assert full.returncode != 0 and "Traceback" in full.stderr and "prompt is empty" in full.stderr
+
+
+@pytest.mark.parametrize(
+    "entry, key, hint",
+    [
+        (["llada_train.rl", "conf=ebpo"], "init_from", "init_from=runs/sft"),
+        (["llada_train.generate"], "model_dir", "model_dir="),
+        (["llada_train.model.init"], "out", "out="),
+    ],
+)
+def test_missing_mandatory_value_is_one_line_exit_2(tmp_path, entry, key, hint):
+    # the users' literal command, run in an empty directory (no recipe, no init_from)
+    proc = subprocess.run([sys.executable, "-m", *entry], capture_output=True, text=True,
+                          env=ENV, timeout=300, cwd=tmp_path)  # fmt: skip
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"error: missing mandatory config value '{key}'") and hint in last
+    assert "Traceback" not in proc.stderr and "MissingMandatoryValue" not in proc.stderr

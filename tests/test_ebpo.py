@@ -292,6 +292,23 @@ def test_grpo_token_mean_and_registry():
         grpo_loss(log_ratio, adv)
 
 
+def test_k3_kl_small_log_ratio_float32():
+    # k3(x) = x^2/2 + x^3/6 + ...: at x = 1e-6 it is 5.0e-13 (+ 1.7e-19). exp(x) - x - 1 in
+    # float32 read -6e-8 there (exp(1e-6) rounds to 1 + 9.5e-7); expm1(x) - x keeps the sign
+    # and is within float32's spacing at 1e-6 (~1e-13) of the true value.
+    x = torch.tensor([1e-6, -1e-6, 1e-4], dtype=torch.float32)
+    k3 = k3_kl(x)
+    assert (k3 >= 0).all()
+    true = x.double() ** 2 / 2 + x.double() ** 3 / 6
+    assert (k3.double() - true).abs().max() < 2e-13 + 1e-3 * true.max()
+    assert k3[2].item() == pytest.approx(5.0e-9, rel=1e-3)
+
+
+def test_group_advantages_reject_non_finite():
+    with pytest.raises(ValueError, match="non-finite reward"):
+        group_advantages(torch.tensor([[1.0, float("nan"), 0.0]]))
+
+
 def test_k3_kl_hand_and_stats():
     # lr = log p_ref - log p_theta. lr = 0 -> exp(0) - 0 - 1 = 0 exactly;
     # lr = log 2 -> 2 - ln 2 - 1 = 0.3068528194400547; lr = -log 2 -> 0.5 + ln 2 - 1

@@ -45,8 +45,15 @@ def group_advantages(
     scale_std: bool = True,
     eps: float = 1e-6,
 ) -> torch.Tensor:
-    """(P, G) float32 group-relative advantages (module docstring)."""
+    """(P, G) float32 group-relative advantages (module docstring).
+
+    Raises ValueError for a non-finite reward: one NaN would turn its whole group's advantages
+    into NaN. `rewards.score` already turns a reward that returns NaN or inf into an error
+    scored 0.0 (counted and logged as reward/errors), so this only guards other callers.
+    """
     r = as_groups(rewards, group_size).double()  # (P, G)
+    if not torch.isfinite(r).all():
+        raise ValueError("non-finite reward: score it as a reward error (0.0) before advantages")
     centred = r - r.mean(dim=1, keepdim=True)  # (P, G)
     if scale_std:
         centred = centred / (r.std(dim=1, unbiased=False, keepdim=True) + eps)
