@@ -157,7 +157,7 @@ def test_gsm8k_and_math_records_are_scored(doc, completion, expected):
 
 
 def test_pointing_a_task_at_a_full_benchmark_file(tmp_path):
-    """What the README shows: a copy of the task file, renamed, whose data_files is the full
+    """What docs/evaluate.md shows: a copy of the task file, renamed, whose data_files is the full
     benchmark file (here a one-record HumanEval.jsonl), next to a copy of utils.py."""
     import lm_eval
     from lm_eval.tasks import TaskManager
