@@ -403,7 +403,7 @@ def rl_train(cfg: DictConfig) -> str:
         seeds = [
             example_seed(cfg.seed, step, info.rank * 100_003 + 1, i) for i in range(len(examples))
         ]
-        micro = []
+        micro, elbo_sum = [], 0.0
         for lo in range(0, len(examples), cfg.micro_batch_size):
             sl = slice(lo, lo + cfg.micro_batch_size)
             levels = elbo_noise(
@@ -421,6 +421,9 @@ def rl_train(cfg: DictConfig) -> str:
                 stack_t(levels), response_mask[sl].sum(1), cfg.conf.level_weights
             )
             micro.append((sl, levels, old, ref, weights))
+            # the rollouts' ELBO under theta_old, sum_n w_n sum_b log p: a sum of same-signed
+            # terms, so unlike the loss (a cancellation of +-A) float rounding moves it by ~1e-7
+            elbo_sum += float((weights.to(old.dtype) * old.sum(-1)).sum())
         t_elbo = time.perf_counter() - t1
 
         # ---- updates
@@ -479,6 +482,7 @@ def rl_train(cfg: DictConfig) -> str:
                 "rollout_tokens": sum(s.num_tokens for s in batch.stats),
                 "rollout_forwards": sum(s.num_forwards for s in batch.stats),
                 "advantage_abs_sum": float(advantages.abs().sum()),
+                "elbo_sum": elbo_sum,
             },
             info.device,
         )
@@ -490,6 +494,7 @@ def rl_train(cfg: DictConfig) -> str:
             "reward/std": max(0.0, float(total["reward_sq_sum"]) / n - mean_r**2) ** 0.5,
             "reward/errors": float(total["reward_errors"]),
             "advantage/abs_mean": float(total["advantage_abs_sum"] / total["kept_rewards"]),
+            "elbo/mean": float(total["elbo_sum"] / total["kept_rewards"]),
             "zero_variance_groups": float(total["zero_variance_groups"] / total["groups"]),
             "rollout/rounds": float(total["rounds"]) / info.world_size,
             "update/signal_groups": float(total["kept_signal_groups"] / total["kept_groups"]),
