@@ -235,6 +235,9 @@ class TrainConfig:
     global_batch_size: int = 8  # = micro_batch_size * accumulation_steps * world_size
     max_steps: int = 100
     seed: int = 0
+    # robustness checks only (scripts/robustness.py): every initial weight times
+    # (1 + init_jitter * N(0, 1)), a float-rounding-sized perturbation; 0 = off
+    init_jitter: float = 0.0
     precision: Precision = Precision.auto
     activation_checkpointing: bool = False
     attention_backend: str = "auto"  # auto (flex on CUDA, sdpa elsewhere) | sdpa | flex

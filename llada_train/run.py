@@ -30,6 +30,11 @@ Contract (the `checkpoint`, `tracking` and resume options, honoured alike by eve
   save left it out). A failure of either is printed and never stops training.
 - Non-finite guard: a loop tells `count_nonfinite` whether each step's update was finite (all
   ranks agree); `max_consecutive_nonfinite` skipped ones in a row stop the run.
+- One run per output_dir: rank 0 locks `<output_dir>/run.lock` (`lock.py`) before the run
+  writes anything there (Hydra's own `.hydra/` and log file come before the task starts) and
+  holds it until `finish` or the end of the process, however it ends; the verdict is
+  all-reduced, so a second run on a live run's dir stops at launch on every rank with
+  `error: <dir> is in use by pid N on host H since T; ...` and exit status 2.
 - The expert bias of every MoE router stays fp32 whatever the weights' dtype: it only selects
   experts, and its updates are far below bf16 resolution.
 """
@@ -57,6 +62,7 @@ from llada_train.checkpoint import (
 from llada_train.config import checkpoint_eval_node
 from llada_train.distributed import (
     DistInfo,
+    all_reduce_sum,
     barrier,
     create_engine,
     deepspeed_config,
@@ -65,8 +71,9 @@ from llada_train.distributed import (
     reset_schedule,
     resolve_precision,
 )
-from llada_train.errors import check_writable
+from llada_train.errors import EXIT_USER_ERROR, check_writable
 from llada_train.eval.watch import start_background
+from llada_train.lock import RUN_LOCK, DirLock, in_use_message, try_lock_dir
 from llada_train.lora import apply_lora, merged_official_state
 from llada_train.model.build import build_model, resolve_model_config
 from llada_train.model.config import LLaDA2MoeConfig
@@ -141,6 +148,7 @@ class Run:
     fixed: dict  # what a resumed run must share with its checkpoint (COMPLETE.json "fixed")
     facts: dict  # decode-relevant facts written with every export (llada_train.json)
     resume_path: str | None = None  # the checkpoint to resume from (checked against `fixed`)
+    lock: DirLock | None = None  # rank 0: its lock on run_dir (lock.py), held until `finish`
     engine: Any = None
     model: LLaDA2MoeModelLM | None = None  # engine.module
     tracker: Tracker | None = None
@@ -185,7 +193,7 @@ class Run:
     def build_model(self, ds_config: dict[str, Any]) -> LLaDA2MoeModelLM:
         model = build_model(
             self.model_config, ds_config, init_from=self.cfg.init_from, seed=self.cfg.seed,
-            is_main=self.info.is_main,
+            is_main=self.info.is_main, init_jitter=self.cfg.get("init_jitter", 0.0),
         )  # fmt: skip
         model.gradient_checkpointing = self.cfg.activation_checkpointing
         model.attention_backend = self.cfg.attention_backend
@@ -397,6 +405,9 @@ class Run:
     def finish(self) -> None:
         if self.tracker is not None:
             self.tracker.finish()
+        if self.lock is not None:  # otherwise released when the process ends, however it ends
+            self.lock.release()
+            self.lock = None
 
 
 @contextlib.contextmanager
@@ -412,15 +423,32 @@ def decoding(model: LLaDA2MoeModelLM):
         model.train(was_training)
 
 
+IN_USE_ADVICE = "wait for it to end, or choose another output_dir"
+
+
+def check_run_lock(refusal: str | None, info: DistInfo) -> None:
+    """Every rank stops when rank 0 could not lock the run dir (`refusal`: its message): rank 0
+    raises the ValueError (one `error:` line, exit 2), the others exit 2 without a word, so no
+    rank waits in a collective for one that has left."""
+    refused = torch.tensor([float(refusal is not None)], device=info.device)
+    if float(all_reduce_sum(refused)) == 0:
+        return
+    if info.is_main:
+        raise ValueError(refusal)
+    raise SystemExit(EXIT_USER_ERROR)
+
+
 def open_run(cfg: DictConfig, job_type: str, batch: dict[str, Any]) -> Run:
-    """Process group, run directory (writable), tokenizer and special ids, model config (and
-    init_from's files checked), precision, and the checkpoint to resume from: partial saves
-    removed, the latest complete one checked against what the run must share with it (data,
-    `batch` (the global batch keys of the loop), seed, model; `resume_allow_changes`).
+    """Process group, run directory (writable, and locked: one run per output_dir), tokenizer
+    and special ids, model config (and init_from's files checked), precision, and the
+    checkpoint to resume from: partial saves removed, the latest complete one checked against
+    what the run must share with it (data, `batch` (the global batch keys of the loop), seed,
+    model; `resume_allow_changes`).
 
     `init_from` may name a model dir, a checkpoint or a run dir (its latest complete
     checkpoint's export). Raises ValueError when no tokenizer is named and init_from is unset,
-    or when `checkpoint.eval` (used when eval_every_saves > 0) holds a bad value.
+    or when `checkpoint.eval` (used when eval_every_saves > 0) holds a bad value, or (on rank
+    0; the other ranks exit 2 quietly) when another live process holds the run dir's lock.
     """
     if cfg.checkpoint.eval_every_saves > 0:  # its partial eval config, checked before any work
         from llada_train.eval.config import as_eval_config
@@ -432,10 +460,16 @@ def open_run(cfg: DictConfig, job_type: str, batch: dict[str, Any]) -> Run:
     run_dir = os.path.abspath(cfg.output_dir)
     ckpt_root = os.path.join(run_dir, "checkpoints")
     check_writable(ckpt_root, "checkpoint directory")  # at launch, not at the first save
+    is_rank0 = int(os.environ.get("RANK", 0)) == 0  # no process group yet (init_distributed)
+    lock = try_lock_dir(run_dir, RUN_LOCK) if is_rank0 else None
+    refusal = None  # rank 0's message when another live process holds the lock
+    if is_rank0 and lock is None:
+        refusal = in_use_message(run_dir, RUN_LOCK, IN_USE_ADVICE)
     tokenizer = run_tokenizer(cfg)
     if tokenizer is None:
         raise ValueError("tokenizer=null needs init_from=DIR holding the tokenizer files")
     info = init_distributed()
+    check_run_lock(refusal, info)  # before this run writes anything into run_dir
     model_config = resolve_model_config(cfg.init_from, cfg.get("model"), tokenizer)
     if cfg.init_from:
         check_checkpoint(cfg.init_from, model_config)  # whole shards, names and shapes
@@ -471,4 +505,5 @@ def open_run(cfg: DictConfig, job_type: str, batch: dict[str, Any]) -> Run:
         fixed=fixed,
         facts=facts,
         resume_path=resume_path,
+        lock=lock,
     )

@@ -92,7 +92,7 @@ class PlainEncoder(nn.Module):
         return self.head(self.norm(self.blocks(h)))
 
 
-def llada_model(vocab: int, dense: bool, seed: int):
+def llada_model(vocab: int, dense: bool, seed: int, width: int = 256):
     from omegaconf import OmegaConf
 
     from llada_train.model.config import LLaDA2MoeConfig
@@ -102,6 +102,10 @@ def llada_model(vocab: int, dense: bool, seed: int):
     cfg.update(vocab_size=vocab, eos_token_id=0, pad_token_id=0, mask_token_id=1)
     if dense:
         cfg["first_k_dense_replace"] = cfg["num_hidden_layers"]
+    if width != cfg["hidden_size"]:  # scale the FFN widths with the model width
+        scale = width / cfg["hidden_size"]
+        cfg.update(hidden_size=width, intermediate_size=int(cfg["intermediate_size"] * scale),
+                   moe_intermediate_size=int(cfg["moe_intermediate_size"] * scale))  # fmt: skip
     model = LLaDA2MoeModelLM(LLaDA2MoeConfig(**cfg))
     model.reset_parameters(torch.Generator().manual_seed(seed))
 
@@ -134,7 +138,9 @@ def corrupt(x0, maskable, g, args, mask_id, vocab, special):
         is_noised = visible & (torch.rand(n, length, generator=g) < r)
         allowed = torch.tensor([i for i in range(vocab) if i not in special])
         sub = allowed[torch.randint(len(allowed), (n, length), generator=g)]
-        sub = torch.where(sub == x0, allowed[(torch.searchsorted(allowed, sub) + 1) % len(allowed)], sub)
+        sub = torch.where(
+            sub == x0, allowed[(torch.searchsorted(allowed, sub) + 1) % len(allowed)], sub
+        )
         xt = torch.where(is_noised, sub, xt)
         is_kept = visible & ~is_noised & (torch.rand(n, length, generator=g) < args.keep)
         supervised |= is_noised | is_kept
@@ -166,7 +172,9 @@ def exact_match(model, x0, maskable, mask_id, eos_id, tok, answers) -> float:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--layout", choices=("plain", "chat"), default="plain")
     p.add_argument("--model", choices=("plain", "llada"), default="plain")
     p.add_argument("--dense", action="store_true")
@@ -197,10 +205,12 @@ def main() -> None:
     x0, maskable, length = encode(tok, ids, train, args.layout, None)
     hx0, hmask, _ = encode(tok, ids, held, args.layout, length)
     if args.model == "llada":
-        model = llada_model(vocab, args.dense, args.seed)
+        model = llada_model(vocab, args.dense, args.seed, args.width)
     else:
         model = PlainEncoder(vocab, length, args.width, args.layers, 4)
-    print(f"params {sum(p.numel() for p in model.parameters()):,} length {length} args {vars(args)}")
+    print(
+        f"params {sum(p.numel() for p in model.parameters()):,} length {length} args {vars(args)}"
+    )
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, args.beta2),
                             weight_decay=args.wd)  # fmt: skip
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / args.warmup))

@@ -292,3 +292,19 @@ def test_activation_checkpointing_gives_same_gradients():
         model(ids).logsumexp(-1).mean().backward()
         grads.append(torch.cat([p.grad.flatten() for p in model.parameters()]))
     assert torch.allclose(grads[0], grads[1], atol=1e-6)
+
+
+def test_init_jitter_is_a_rounding_sized_seeded_perturbation():
+    from llada_train.model.build import build_model
+
+    ds = {"zero_optimization": {"stage": 0}}
+    base = build_model(tiny_config(), ds, init_from=None, seed=0, is_main=True)
+    jit = build_model(tiny_config(), ds, init_from=None, seed=0, is_main=True, init_jitter=1e-6)
+    again = build_model(tiny_config(), ds, init_from=None, seed=0, is_main=True, init_jitter=1e-6)
+    changed = 0
+    for (name, p), q, r in zip(base.named_parameters(), jit.parameters(), again.parameters()):
+        assert torch.equal(q, r), name  # seeded: the same jitter every time
+        rel = ((q - p).abs() / p.abs().clamp_min(1e-30)).max()
+        assert rel < 1e-5, name  # 1e-6 N(0, 1): a few 1e-6 at most
+        changed += int(not torch.equal(p, q))
+    assert changed == len(list(base.parameters()))  # every tensor moved

@@ -24,6 +24,7 @@ def _load(name: str):
 rl_compare = _load("rl_compare")
 learning_probe = _load("learning_probe")
 frontier = _load("frontier")
+robustness = _load("robustness")
 
 
 def test_rl_curve_keeps_one_point_per_step_the_last_logged(tmp_path):
@@ -175,3 +176,31 @@ def test_make_sort_mix_appends_shorter_training_lists(tmp_path, monkeypatch):
         numbers = [int(x) for x in xs]
         assert chat["messages"][1]["content"] == " ".join(map(str, sorted(numbers)))
         assert not is_heldout_sort(numbers)
+
+
+def test_robustness_summary_first_step_end_and_loss_differences(tmp_path):
+    # two variants of seed 0: the reference (none) and a split whose step-2 loss differs by 1e-6
+    for name, losses, checks in [
+        ("seed0_none", [2.0, 1.5, 1.2], [(100, 0.5), (200, 0.92), (300, 0.97)]),
+        ("seed0_split", [2.0, 1.500001, 1.2], [(100, 0.2), (200, 0.85), (300, 0.95)]),
+    ]:
+        run = tmp_path / "runs" / name / "sft"
+        run.mkdir(parents=True)
+        rows = [{"step": i + 1, "loss/total": v} for i, v in enumerate(losses)]
+        rows += [{"step": s, "heldout/exact_match": em} for s, em in checks]
+        (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    variants = robustness.summarize(str(tmp_path), goal=0.9)
+    assert variants["seed0_none"]["first_step_at_goal"] == 200
+    assert variants["seed0_split"]["first_step_at_goal"] == 300
+    assert variants["seed0_split"]["end"] == 0.95
+    diffs = robustness.loss_differences(variants)
+    assert list(diffs) == ["seed0_split"]  # the reference itself has no difference
+    assert diffs["seed0_split"] == pytest.approx(1e-6, rel=1e-3)
+
+
+def test_robustness_perturbations_override_the_right_keys():
+    assert robustness.perturbation_args("none", 32) == []
+    assert robustness.perturbation_args("split", 32) == ["micro_batch_size=16"]
+    assert robustness.perturbation_args("jitter", 32) == ["init_jitter=1e-6"]
+    with pytest.raises(ValueError, match="unknown perturbation"):
+        robustness.perturbation_args("threads", 32)

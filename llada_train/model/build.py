@@ -58,8 +58,26 @@ def build_model(
     init_from: str | None,
     seed: int,
     is_main: bool,
+    init_jitter: float = 0.0,
 ) -> LLaDA2MoeModelLM:
-    """Fresh (seeded with `seed`) or loaded from `init_from` (module docstring)."""
+    """Fresh (seeded with `seed`) or loaded from `init_from` (module docstring).
+
+    init_jitter > 0 multiplies every parameter by (1 + init_jitter * N(0, 1)) (a generator
+    seeded with `seed`): a perturbation of the float rounding of a run, as another CPU's kernels
+    give, for robustness checks (scripts/robustness.py); 0 leaves the weights untouched.
+    """
+    model = _build(config, ds_config, init_from=init_from, seed=seed, is_main=is_main)
+    if init_jitter:
+        if any(hasattr(p, "ds_id") for p in model.parameters()):
+            raise ValueError("init_jitter is not supported with ZeRO-3 partitioned loading")
+        g = torch.Generator().manual_seed(seed)
+        with torch.no_grad():
+            for p in model.parameters():
+                p.mul_(1.0 + init_jitter * torch.randn(p.shape, generator=g, dtype=p.dtype))
+    return model
+
+
+def _build(config, ds_config, *, init_from, seed, is_main) -> LLaDA2MoeModelLM:
     if init_from and ds_config["zero_optimization"]["stage"] == 3:
         import deepspeed
 
