@@ -44,6 +44,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -435,6 +436,7 @@ def check_run_lock(refusal: str | None, info: DistInfo) -> None:
         return
     if info.is_main:
         raise ValueError(refusal)
+    time.sleep(2.0)  # rank 0 leaves first: torchrun reports its exit, not a terminated rank 0
     raise SystemExit(EXIT_USER_ERROR)
 
 

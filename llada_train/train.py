@@ -372,7 +372,9 @@ def train(cfg: DictConfig, task: str) -> str:
         if run.should_log(step + 1) or "heldout/exact_match" in metrics:
             run.tracker.log(metrics, step=step + 1)
         bar.update(1)
-        bar.set_postfix(loss=f"{metrics['loss/total']:.3f}", acc=f"{metrics['acc/total']:.2f}")
+        bar.set_postfix(  # accuracy on the masked answer tokens: the EOS padding would inflate it
+            loss=f"{metrics['loss/total']:.3f}", acc_resp=f"{metrics['acc/m2t/response']:.2f}"
+        )
         run.count_nonfinite(step + 1, is_finite, metrics["loss/total"], grad_norm)
         if run.should_save(step + 1):
             run.save(step + 1)

@@ -8,6 +8,7 @@
 #                                             # tests/test_gpu_check.py runs it in the default suite
 #   scripts/gpu_check.sh --no-tests --sections memory   # a rerun of what the budget skipped
 #                                             # (other options go to scripts/gpu_check.py)
+#   PYTHON=.venv/bin/python scripts/gpu_check.sh  # the interpreter to run (default python3)
 #
 # (a) pytest -m gpu tests/test_gpu.py (on the CPU with LLADA_GPU_TESTS_ON_CPU=1; the smoke skips
 #     the 2-step SFT, whose entry point tests/test_train.py already runs on the CPU);
@@ -25,7 +26,7 @@ while [ $# -gt 0 ]; do
     --cpu-smoke) SMOKE=(--cpu-smoke); shift ;;
     --out) OUT=$2; shift 2 ;;
     --no-tests) RUN_TESTS=0; shift ;;
-    -h|--help) sed -n 2,15p "$0"; exit 0 ;;
+    -h|--help) sed -n 2,16p "$0"; exit 0 ;;
     *) EXTRA+=("$1"); shift ;;
   esac
 done

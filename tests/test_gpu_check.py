@@ -8,13 +8,14 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import sys
 
 from llada_train import REPO_ROOT
 
 
 def test_gpu_check_cpu_smoke(tmp_path):
     out = tmp_path / "gpu_check"
-    env = {**os.environ, "PYTHONPATH": REPO_ROOT}
+    env = {**os.environ, "PYTHONPATH": REPO_ROOT, "PYTHON": sys.executable}  # this venv's python
     proc = subprocess.run(
         [os.path.join(REPO_ROOT, "scripts", "gpu_check.sh"), "--cpu-smoke", "--out", str(out)],
         capture_output=True, text=True, env=env, timeout=600,

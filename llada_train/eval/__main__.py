@@ -15,6 +15,7 @@ Contract:
   to `metrics.jsonl` of the tracking folder, at the checkpoint's step (0 for a plain model):
   `RUN_DIR/eval/` for a checkpoint, `eval/` beside the results file otherwise (`tracking_dir=`).
 - `watch=RUN_DIR`: `watch.watch` (see there); W&B run `<run name>-eval` in `RUN_DIR/eval/`.
+  While another watcher of RUN_DIR lives, one `error:` line naming it and exit status 2.
 - SIGTERM ends the process cleanly (the W&B run is finished); nothing else is touched.
 
 The same evaluation through lm-eval's own command line (our model registered, our tasks
@@ -68,12 +69,13 @@ def run(cfg: DictConfig) -> dict[str, Any] | list[dict[str, Any]]:
 
     signal.signal(signal.SIGTERM, on_sigterm)
     if cfg.watch is not None:
-        from llada_train.eval.watch import watch
+        from llada_train.eval.watch import lock_watcher, watch
 
         if cfg.out is not None:
             raise ValueError("out= is for model_dir= runs; watch= writes next to each checkpoint")
 
         run_dir = os.path.abspath(cfg.watch)
+        lock_watcher(run_dir)  # before the tracker writes: one watcher per run (watch.py)
         tracker = make_tracker(
             cfg,
             cfg.tracking_dir or os.path.join(run_dir, "eval"),

@@ -15,16 +15,22 @@ Contract:
   `<checkpoint>/eval_error.json` (best effort) and skipped for the life of this watcher; it is
   retried by the next watcher. KeyboardInterrupt / SystemExit (SIGTERM) stop the loop.
 - The watcher only reads the run, writes its two result files inside checkpoint folders, and
-  its tracker files under its own folder: killing it (SIGTERM or SIGKILL) at any moment leaves
-  the training job and its checkpoints untouched. A result file is written by atomic rename,
-  so a kill never leaves half a JSON. If training prunes a checkpoint while it is being
-  evaluated, that evaluation fails and is skipped like any other.
+  its tracker files and lock under its own folder: killing it (SIGTERM or SIGKILL) at any
+  moment leaves the training job and its checkpoints untouched. A result file is written by
+  atomic rename, so a kill never leaves half a JSON. If training prunes a checkpoint while it
+  is being evaluated, that evaluation fails and is skipped like any other.
 - `once=True` (or `stop` set) ends the loop after the current scan; `watch` returns one record
   per checkpoint handled: {"step", "path", "status": "ok" | "failed", "error"?, "summary"?}.
 - `exit_with_pid=PID` (the training job that started the watcher, `eval.background`): once that
   process is gone, one last scan picks up the checkpoints saved since the previous one, then the
   loop ends. `every_steps=N` evaluates only steps that are multiples of N, plus the newest
   checkpoint of that last scan (the run's final save).
+- One watcher per run: `watch` holds `RUN_DIR/eval/watch.lock` (lock.py; the same file whether
+  it was pointed at RUN_DIR or RUN_DIR/checkpoints) while it runs, so no checkpoint is evaluated
+  twice at once and no result is logged twice. A watcher started while another lives fails at
+  once with `<RUN_DIR>/eval is in use by pid N on host H since T; ...` (ValueError); a
+  background one (`exit_with_pid`) waits for the other to end instead (e.g. a resumed run's
+  watcher while the finished run's evaluates its last checkpoints), then scans as usual.
 """
 
 from __future__ import annotations
@@ -44,8 +50,12 @@ from llada_train.checkpoint import complete_checkpoints
 from llada_train.config import checkpoint_eval_node
 from llada_train.eval.config import as_eval_config
 from llada_train.eval.evaluate import ERROR_FILE, RESULTS_FILE, evaluate_checkpoint, write_json
+from llada_train.lock import DirLock, in_use_message, lock_dir, try_lock_dir
 
 logger = logging.getLogger(__name__)
+
+WATCH_LOCK = "watch.lock"
+WATCH_ADVICE = "another watcher evaluates this run's checkpoints; wait for it to end, or stop it"
 
 
 def checkpoints_root(run_dir: str) -> str:
@@ -54,6 +64,33 @@ def checkpoints_root(run_dir: str) -> str:
     if os.path.isdir(nested) or not complete_checkpoints(run_dir):
         return nested
     return run_dir
+
+
+def watcher_lock_dir(run_dir: str) -> str:
+    """RUN_DIR/eval, the folder of the watcher lock, for `run_dir` = RUN_DIR or its checkpoints
+    folder alike."""
+    run = os.path.abspath(run_dir)
+    if os.path.basename(run) == "checkpoints":
+        run = os.path.dirname(run)
+    return os.path.join(run, "eval")
+
+
+def lock_watcher(run_dir: str) -> DirLock:
+    """The watcher lock of `run_dir` (module doc), or ValueError naming the watcher holding it."""
+    return lock_dir(watcher_lock_dir(run_dir), WATCH_LOCK, WATCH_ADVICE)
+
+
+def _wait_for_watcher_lock(run_dir: str, stop: threading.Event, poll_s: float) -> DirLock | None:
+    """The watcher lock of `run_dir` once its holder has ended; None if `stop` is set first."""
+    folder = watcher_lock_dir(run_dir)
+    lock = try_lock_dir(folder, WATCH_LOCK)
+    if lock is None:
+        logger.info(
+            "waiting: %s", in_use_message(folder, WATCH_LOCK, "this watcher starts when it ends")
+        )
+    while lock is None and not stop.wait(min(poll_s, 5.0)):
+        lock = try_lock_dir(folder, WATCH_LOCK)
+    return lock
 
 
 def pending_checkpoints(
@@ -85,23 +122,32 @@ def watch(
     stop = stop or threading.Event()
     handled: set[str] = set()
     records: list[dict[str, Any]] = []
+    if exit_with_pid is None:
+        lock = lock_watcher(run_dir)
+    else:  # a background watcher: after the one before it
+        lock = _wait_for_watcher_lock(run_dir, stop, poll_s)
+        if lock is None:
+            return records
     logger.info("watching %s (every %.0f s)", checkpoints_root(run_dir), poll_s)
-    while True:
-        last_scan = exit_with_pid is not None and not _is_alive(exit_with_pid)
-        pending = pending_checkpoints(run_dir, overwrite, handled)
-        for k, (step, path) in enumerate(pending):
+    try:
+        while True:
+            last_scan = exit_with_pid is not None and not _is_alive(exit_with_pid)
+            pending = pending_checkpoints(run_dir, overwrite, handled)
+            for k, (step, path) in enumerate(pending):
+                if stop.is_set():
+                    break
+                handled.add(path)
+                is_final = last_scan and k == len(pending) - 1
+                if every_steps and step % every_steps and not is_final:
+                    continue
+                records.append(_evaluate_one(step, path, eval_cfg, tracker))
+            if once or stop.is_set() or last_scan:
+                return records
+            stop.wait(poll_s)
             if stop.is_set():
-                break
-            handled.add(path)
-            is_final = last_scan and k == len(pending) - 1
-            if every_steps and step % every_steps and not is_final:
-                continue
-            records.append(_evaluate_one(step, path, eval_cfg, tracker))
-        if once or stop.is_set() or last_scan:
-            return records
-        stop.wait(poll_s)
-        if stop.is_set():
-            return records
+                return records
+    finally:
+        lock.release()
 
 
 def _is_alive(pid: int) -> bool:
