@@ -103,7 +103,15 @@ MATH_CASES = [
     ("Adding the two shelves gives \\boxed{1493}.", "1493", 1.0, "Minerva: the boxed answer"),
     ("#### 41\nWait, redo: \\boxed{42}", "42", 1.0, "a \\boxed answer wins over ####"),
     ("\\boxed{41} then \\boxed{42}", "42", 1.0, "the last \\boxed is the final answer"),
-    ("\\boxed{42} and then \\boxed{41", "42", 1.0, "a truncated (unclosed) box is ignored"),
+    (
+        "\\boxed{42} and then \\boxed{41",
+        "42",
+        0.0,
+        "a truncated last box: the final answer was cut off, no fallback to an earlier box",
+    ),
+    ("\\boxed{42} and then \\boxed{4", "4", 0.0, "even where the cut-off text is the gold"),
+    ("#### 42\nSo \\boxed{\\frac{4", "42", 0.0, "nor to an earlier #### answer"),
+    ("\\boxed{42} {", "42", 1.0, "an unclosed brace outside any box truncates nothing"),
     ("\\boxed{\\frac12}", "0.5", 1.0, "Minerva: \\frac12 without braces is one half"),
     ("\\boxed{\\dfrac{3}{4}}", "0.75", 1.0, "\\dfrac is \\frac; a fraction equals its decimal"),
     ("\\boxed{3/4}", "\\frac{3}{4}", 1.0, "a slash fraction equals the LaTeX fraction"),
@@ -138,6 +146,33 @@ MATH_CASES = [
     ("#### 50%", "50", 1.0, "the same in GSM8K form"),
     ("\\boxed{0.5}", "50\\%", 0.0, "0.5 is not the 50 of a gold 50%"),
     ("\\boxed{forty-two}", "42", 0.0, "numbers in words are not read"),
+    # a number gold answer: the marked number in common dress (`bare_number`, our choice)
+    ("\\boxed{5 apples}", "5", 1.0, "a unit word after the number is not part of it"),
+    ("\\boxed{5 dollars}", "5", 1.0, "math-verify alone reads 5*d*o*l*l*a*r*s"),
+    ("\\boxed{6 apples}", "5", 0.0, "the unit goes, the number still has to be right"),
+    ("\\boxed{12 \\text{ cm}}", "12", 1.0, "a unit in \\text"),
+    ("\\boxed{12 cm^2}", "12", 1.0, "a unit with a power"),
+    ("\\boxed{3 square feet}", "3", 1.0, "a unit of two words"),
+    ("\\boxed{60 km/h}", "60", 1.0, "a unit per unit"),
+    ("\\boxed{5 x}", "5", 0.0, "a bare letter may be a variable: 5x is not 5"),
+    ("\\boxed{5 hundred}", "5", 0.0, "a word that changes the value is no unit"),
+    ("\\boxed{5 or more}", "5", 0.0, "nor is a hedge"),
+    ("\\boxed{1,234,567}", "1234567", 1.0, "thousands separators, several"),
+    ("\\boxed{1,235}", "1234", 0.0, "the separator goes, the digits still have to be right"),
+    ("#### 1,235", "1234", 0.0, "the same in GSM8K form"),
+    ("\\boxed{1{,}234}", "1234", 1.0, "LaTeX's thousands separator {,}"),
+    ("\\boxed{1\\,234}", "1234", 1.0, "LaTeX's thin space as thousands separator"),
+    ("\\boxed{12,34}", "1234", 0.0, "a comma before two digits is no thousands separator"),
+    ("\\boxed{$5.00}", "5", 1.0, "a dollar sign and zero cents"),
+    ("\\boxed{\\$1,234.50}", "1234.5", 1.0, "currency, separator and cents together"),
+    ("\\boxed{€5}", "5", 1.0, "another currency sign"),
+    ("\\boxed{\\$6}", "5", 0.0, "the sign goes, the number still has to be right"),
+    ("\\boxed{90^\\circ}", "90", 1.0, "a LaTeX degree sign"),
+    ("\\boxed{90°}", "90", 1.0, "a Unicode degree sign (math-verify alone reads nothing)"),
+    ("\\boxed{90\\degree}", "90", 1.0, "the \\degree macro"),
+    ("\\boxed{100^\\circ C}", "100", 1.0, "degrees Celsius"),
+    ("\\boxed{91^\\circ}", "90", 0.0, "the degree sign goes, the number still has to be right"),
+    ("7 dollars", "7", 1.0, "an unmarked completion that is only a dressed number"),
 ]
 
 
@@ -155,7 +190,8 @@ def test_math_table_is_large_enough():
     [
         ("So 964 + 529 = 1493.\n#### 1493", "1493"),
         ("\\boxed{\\frac{3}{4}} and 9", "\\frac{3}{4}"),
-        ("\\boxed{a{b}c} then \\boxed{d", "a{b}c"),  # nested braces; a truncated box is ignored
+        ("\\boxed{a{b}c} then \\boxed{e}", "e"),  # nested braces; the last box
+        ("\\boxed{a{b}c} then \\boxed{d", None),  # a truncated last box: no answer, no fallback
         ("#### 1493 beads", "1493 beads"),
         ("####\nso it is 12", None),  # an empty marker marks nothing
         ("\\boxed{}", None),
@@ -212,6 +248,7 @@ def test_math_reward_on_shipped_records():
         ("The answer is 1493.", 0.0),
         ("####", 0.0),
         ("\\boxed{}", 0.0),
+        ("\\boxed{1493} so \\boxed{14", 0.0),  # a truncated last box
     ],
 )
 def test_format_reward_math(completion, expected):
@@ -248,6 +285,7 @@ SORT_CASES = [
     ("1215 33 47 71 89", 0.0, "two numbers run together are one number"),
     ("12 15 33 47 71 -89", 0.0, "a sign changes the value"),
     ("12 15 33\n#### 47 71 89", 0.0, "only the marked answer is read"),
+    ("\\boxed{12 15 33 47 71 89", 0.0, "a truncated last box: the answer was cut off"),
     ("", 0.0, "empty"),
 ]
 
@@ -440,3 +478,206 @@ def test_code_reward_cannot_be_forged(code_records, attack):
     signature = solution.splitlines()[0]
     completion = f"```python\n{attack}\n{signature}\n    return A() if 'A' in globals() else 0\n```"
     assert code_reward(completion, record) == 0.0
+
+
+# ---------------------------------------------------------------------------------------------
+# Code reward: tests that call helpers defined next to the entry point (HumanEval/32, /38, /50)
+# ---------------------------------------------------------------------------------------------
+
+# The three HumanEval records whose tests call a helper of the prompt (openai/human-eval's
+# text; /32's docstring shortened). Through our record form they scored 0 even for the canonical
+# solution: the tests met a NameError, the helper being defined only in the candidate's code.
+HUMANEVAL_HELPER_RECORDS = [
+    {
+        "task_id": "HumanEval/32",
+        "prompt": "import math\n\n\ndef poly(xs: list, x: float):\n"
+        '    """\n    Evaluates polynomial with coefficients xs at point x.\n'
+        '    return xs[0] + xs[1] * x + xs[1] * x^2 + .... xs[n] * x^n\n    """\n'
+        "    return sum([coeff * math.pow(x, i) for i, coeff in enumerate(xs)])\n\n\n"
+        'def find_zero(xs: list):\n    """ xs are coefficients of a polynomial.\n'
+        "    find_zero find x such that poly(x) = 0.\n"
+        '    >>> round(find_zero([1, 2]), 2) # f(x) = 1 + 2x\n    -0.5\n    """\n',
+        "canonical_solution": "    begin, end = -1., 1.\n"
+        "    while poly(xs, begin) * poly(xs, end) > 0:\n        begin *= 2.0\n        end *= 2.0\n"
+        "    while end - begin > 1e-10:\n        center = (begin + end) / 2.0\n"
+        "        if poly(xs, center) * poly(xs, begin) > 0:\n            begin = center\n"
+        "        else:\n            end = center\n    return begin\n",
+        "wrong_solution": "    return -xs[0] / xs[1]\n",  # the root of the linear part only
+        "test": "\n\nMETADATA = {}\n\n\ndef check(candidate):\n    import math\n"
+        "    import random\n    rng = random.Random(42)\n    import copy\n"
+        "    for _ in range(100):\n        ncoeff = 2 * rng.randint(1, 4)\n"
+        "        coeffs = []\n        for _ in range(ncoeff):\n"
+        "            coeff = rng.randint(-10, 10)\n            if coeff == 0:\n"
+        "                coeff = 1\n            coeffs.append(coeff)\n"
+        "        solution = candidate(copy.deepcopy(coeffs))\n"
+        "        assert math.fabs(poly(coeffs, solution)) < 1e-4\n\n",
+        "entry_point": "find_zero",
+    },
+    {
+        "task_id": "HumanEval/38",
+        "prompt": "\n\ndef encode_cyclic(s: str):\n"
+        '    """\n    returns encoded string by cycling groups of three characters.\n    """\n'
+        "    # split string to groups. Each of length 3.\n"
+        "    groups = [s[(3 * i):min((3 * i + 3), len(s))] for i in range((len(s) + 2) // 3)]\n"
+        "    # cycle elements in each group. Unless group has fewer elements than 3.\n"
+        "    groups = [(group[1:] + group[0]) if len(group) == 3 else group for group in groups]\n"
+        '    return "".join(groups)\n\n\ndef decode_cyclic(s: str):\n    """\n'
+        "    takes as input string encoded with encode_cyclic function. Returns decoded string.\n"
+        '    """\n',
+        "canonical_solution": "    return encode_cyclic(encode_cyclic(s))\n",
+        "wrong_solution": "    return encode_cyclic(s)\n",
+        "test": "\n\nMETADATA = {}\n\n\ndef check(candidate):\n"
+        "    from random import randint, choice\n    import string\n\n"
+        "    letters = string.ascii_lowercase\n    for _ in range(100):\n"
+        "        str = ''.join(choice(letters) for i in range(randint(10, 20)))\n"
+        "        encoded_str = encode_cyclic(str)\n"
+        "        assert candidate(encoded_str) == str\n\n",
+        "entry_point": "decode_cyclic",
+    },
+    {
+        "task_id": "HumanEval/50",
+        "prompt": '\n\ndef encode_shift(s: str):\n    """\n'
+        "    returns encoded string by shifting every character by 5 in the alphabet.\n"
+        '    """\n    return "".join([chr(((ord(ch) + 5 - ord("a")) % 26) + ord("a")) for ch in s])'
+        '\n\n\ndef decode_shift(s: str):\n    """\n'
+        "    takes as input string encoded with encode_shift function. Returns decoded string.\n"
+        '    """\n',
+        "canonical_solution": '    return "".join([chr(((ord(ch) - 5 - ord("a")) % 26) + '
+        'ord("a")) for ch in s])\n',
+        "wrong_solution": '    return "".join([chr(((ord(ch) - 4 - ord("a")) % 26) + '
+        'ord("a")) for ch in s])\n',
+        "test": "\n\nMETADATA = {}\n\n\ndef check(candidate):\n"
+        "    from random import randint, choice\n    import copy\n    import string\n\n"
+        "    letters = string.ascii_lowercase\n    for _ in range(100):\n"
+        "        str = ''.join(choice(letters) for i in range(randint(10, 20)))\n"
+        "        encoded_str = encode_shift(copy.deepcopy(str))\n"
+        "        assert candidate(copy.deepcopy(encoded_str)) == str\n\n",
+        "entry_point": "decode_shift",
+    },
+]
+HELPER_IDS = [r["task_id"] for r in HUMANEVAL_HELPER_RECORDS]
+
+
+def _ours(record: dict, prompt: str | None = None) -> dict:
+    """A HumanEval record in our form {"prompt", "entry_point", "tests"}, as a converter writes
+    it: the tests are HumanEval's `test` followed by the call of `check`."""
+    tests = f"{record['test']}\n\ncheck({record['entry_point']})\n"
+    prompt = record["prompt"] if prompt is None else prompt
+    return {"prompt": prompt, "entry_point": record["entry_point"], "tests": tests}
+
+
+@pytest.mark.parametrize("record", HUMANEVAL_HELPER_RECORDS, ids=HELPER_IDS)
+def test_humaneval_helper_records_score_through_our_form(record):
+    """Our form with the prompt (its code holds the helper): the canonical solution, written out
+    whole next to the helper, scores 1; a wrong one scores 0 and says where the tests failed."""
+    ours = _ours(record)
+    right = f"```python\n{record['prompt']}{record['canonical_solution']}```"
+    wrong = f"```python\n{record['prompt']}{record['wrong_solution']}```"
+    assert score("code", right, ours) == RewardResult(1.0, None, None)
+    result = score("code", wrong, ours)
+    assert (result.value, result.error) == (0.0, None)  # a wrong answer, not a reward error
+    assert result.reason.startswith("tests failed: AssertionError at <tests> line "), result
+    assert "assert " in result.reason
+
+
+@pytest.mark.parametrize("record", HUMANEVAL_HELPER_RECORDS, ids=HELPER_IDS)
+def test_humaneval_helper_records_score_in_humaneval_form(record):
+    assert code_reward(record["canonical_solution"], record) == 1.0  # a continuation
+    assert code_reward(record["wrong_solution"], record) == 0.0
+
+
+@pytest.mark.parametrize("record", HUMANEVAL_HELPER_RECORDS, ids=HELPER_IDS)
+def test_helpers_only_the_candidate_defines_are_called_in_the_candidate(record):
+    """Our form with a prose prompt: no trusted code defines the helper, so the tests' calls of
+    it go to the candidate's own helper, across the same plain-data boundary as the entry
+    point. The canonical solution scores 1, a wrong one 0 with the reason."""
+    ours = _ours(record, prompt=f"Write `{record['entry_point']}` and the helper it uses.")
+    right = f"```python\n{record['prompt']}{record['canonical_solution']}```"
+    wrong = f"```python\n{record['prompt']}{record['wrong_solution']}```"
+    assert code_reward(right, ours) == 1.0
+    result = score("code", wrong, ours)
+    assert result.value == 0.0 and result.reason.startswith("tests failed: AssertionError")
+
+
+def test_a_helper_the_prompt_defines_is_the_trusted_one():
+    """HumanEval/38 with identity encode and decode: where only the candidate defines
+    `encode_cyclic` the tests trust its answers as they would the entry point's (the record
+    asks for both functions, so both are its answer); where the record's prompt defines it,
+    the tests use that trusted copy, run in their own process, and the forgery scores 0."""
+    record = HUMANEVAL_HELPER_RECORDS[1]
+    forged = (
+        "```python\ndef encode_cyclic(s):\n    return s\n\n\n"
+        "def decode_cyclic(s):\n    return s\n```"
+    )
+    prose = _ours(record, prompt="Write encode_cyclic and its inverse decode_cyclic.")
+    assert code_reward(forged, prose) == 1.0  # the tests check only the round trip
+    in_a_block = _ours(record, prompt=f"Complete this:\n```python\n{record['prompt']}```\n")
+    assert code_reward(forged, in_a_block) == 0.0
+    assert code_reward(forged, _ours(record)) == 0.0  # the prompt is the code itself
+
+
+def test_trusted_definitions():
+    prompt = (
+        "import math\nfrom typing import List\nLIMIT = 3\n\n"
+        "def helper(x):\n    return math.floor(x)\n\n"
+        "def stub(x):\n    '''Write me.'''\n\n"
+        "def other_stub(x):\n    raise NotImplementedError\n\n"
+        "def entry(xs: List[int]):\n    '''Write me too.'''\n    return helper(xs[0])\n\n"
+        "print('run nothing')\n"
+    )
+    assert rewards.trusted_definitions(prompt, "entry") == (
+        "import math\nfrom typing import List\nLIMIT = 3\n\n"
+        "def helper(x):\n    return math.floor(x)\n"
+    )  # the entry point (even with a body) and stubs are the candidate's; the print is dropped
+    assert rewards.trusted_definitions("Write a Python function `f(x)`.", "f") is None
+    assert rewards.trusted_definitions("Fibonacci", "f") is None  # prose that parses
+    assert rewards.trusted_definitions("def f(x):\n    '''Doc.'''\n", "f") is None
+
+
+def test_every_code_zero_says_why(code_records):
+    record, solution = code_records[0]
+    signature = solution.splitlines()[0]
+    entry_point = record["entry_point"]
+    cases = [
+        (f"```python\n{signature}\n    return None\n```", "tests failed: AssertionError at"),
+        ("```python\ndef other():\n    return 1\n```", "entry point not defined"),
+        ("", "entry point not defined"),
+        (f"```python\n{signature}\n    return (\n```", "the code raised SyntaxError"),
+        (f"```python\n{signature}\n    while True:\n        pass\n```", "timeout"),
+        (f"```python\n{signature}\n    return 1 / 0\n```", "raised by the candidate's"),
+    ]
+    for completion, reason in cases:
+        result = score("code", completion, {**record, "timeout_s": 2.0})
+        assert (result.value, result.error) == (0.0, None), completion
+        assert reason in result.reason, (completion, result.reason)
+    assert entry_point in score("code", "", record).reason
+    right = score("code", f"```python\n{solution}```", record)
+    assert right == RewardResult(1.0, None, None)
+
+
+def test_a_code_record_without_entry_point_is_refused_at_loading(tmp_path):
+    """Data loading refuses it naming file and line (scoring it would fail on every
+    completion); so are one without tests and one whose tests do not compile."""
+    from omegaconf import OmegaConf
+
+    from llada_train.data.formats import BadRecord
+    from llada_train.rl.loop import load_prompts
+
+    good = {"prompt": "Write f(x).", "entry_point": "f", "tests": "assert f(1) == 1"}
+    bad = [
+        ({"prompt": "Write f(x).", "tests": "assert f(1) == 1"}, "entry_point"),
+        ({"prompt": "Write f(x).", "entry_point": "f"}, "without tests"),
+        ({"prompt": "Write f(x).", "entry_point": "f", "tests": "assert f(1) =="}, "compile"),
+    ]
+    cfg = OmegaConf.create(
+        {"data": {"prompt_field": "prompt", "reward": "code", "system": None}, "rollout": {}}
+    )
+    for record, message in bad:
+        path = tmp_path / "code.jsonl"
+        path.write_text("\n" + json.dumps(record) + "\n")  # line 2 (no tokenizer needed)
+        with pytest.raises(BadRecord, match=f"^{path}:2: .*{message}"):
+            load_prompts([str(path)], cfg, tokenizer=None)
+    with pytest.raises(ValueError, match="answer"):
+        rewards.check_record("math", {"prompt": "1 + 1?"})
+    rewards.check_record("code", good)
+    rewards.check_record("code", HUMANEVAL_RECORD)

@@ -499,6 +499,88 @@ def test_tests_expecting_an_exception_cannot_be_fooled(body):
     assert (result.passed, result.status) == (False, "error"), result
 
 
+# ---------------------------------------------------------------------------------------------
+# Helpers: other functions of the candidate that the tests call
+# ---------------------------------------------------------------------------------------------
+
+CODEC = "def encode(s):\n    return s[::-1] + '!'\n\ndef decode(s):\n    return s[:-1][::-1]\n"
+CODEC_TESTS = "assert decode(encode('abc')) == 'abc'\nassert encode('ab') == 'ba!'\n"
+
+
+def test_tests_call_a_helper_of_the_candidate():
+    result = run_python(CODEC, tests=CODEC_TESTS, entry_point="decode")
+    assert (result.passed, result.status, result.reason) == (True, "ok", None), result.stderr
+    wrong = CODEC.replace("+ '!'", "+ '?'")
+    result = run_python(wrong, tests=CODEC_TESTS, entry_point="decode")
+    assert (result.passed, result.status) == (False, "failed")
+    assert (
+        result.reason
+        == "tests failed: AssertionError at <tests> line 2: assert encode('ab') == 'ba!'"
+    )
+
+
+@pytest.mark.parametrize(
+    "helper",
+    [
+        "class A:\n    def __eq__(self, other):\n        return True\n"
+        "def encode(s):\n    return A()\n",
+        "class S(str):\n    def __eq__(self, other):\n        return True\n"
+        "    __hash__ = str.__hash__\ndef encode(s):\n    return S('x')\n",
+    ],
+)
+def test_a_helper_crosses_the_same_boundary_as_the_entry_point(helper):
+    code = "def decode(s):\n    return 'abc'\n" + helper
+    tests = "assert encode('abc') == 'cba!'\nassert decode('x') == 'abc'\n"
+    result = run_python(code, tests=tests, entry_point="decode")
+    assert (result.passed, result.status) == (False, "error"), result
+    assert "cannot cross the sandbox boundary" in result.reason
+
+
+def test_a_helper_never_replaces_a_trusted_name():
+    """The candidate's functions named like a built-in, a function of the setup or of the tests
+    are not what the tests call: only names the tests would otherwise not find are helpers."""
+    code = (
+        "def f(xs):\n    return xs\n"  # wrong: does not sort
+        "def sorted(xs):\n    return xs\n"  # would make the reference agree
+        "def reference(xs):\n    return xs\n"
+        "def expected(xs):\n    return xs\n"
+    )
+    reference = "def reference(xs):\n    return list(sorted(xs))\n"
+    right = code.replace("return xs\n", "return [1, 2]\n", 1)
+    for setup, tests in [
+        (None, "assert f([2, 1]) == sorted([2, 1])"),
+        (reference, "assert f([2, 1]) == reference([2, 1])"),
+        (None, "def expected(xs):\n    return [1, 2]\nassert f([2, 1]) == expected([2, 1])"),
+    ]:
+        result = run_python(code, tests=tests, entry_point="f", setup=setup)
+        assert (result.passed, result.status) == (False, "failed"), (tests, result)
+        result = run_python(right, tests=tests, entry_point="f", setup=setup)
+        assert result.passed, (tests, result.reason)
+
+
+def test_an_entry_point_the_code_does_not_define_fails_before_the_tests():
+    for code in ("def g(x):\n    return x\n", "f = 3\n", ""):
+        result = run_python(code, tests="assert f(1) == 1", entry_point="f")
+        assert (result.passed, result.status) == (False, "error"), code
+        assert result.reason.startswith("entry point not defined"), result.reason
+
+
+@pytest.mark.parametrize(
+    "code, tests, reason",
+    [
+        ("def f(x)\n    return x", "f(1)", "the code raised SyntaxError"),
+        ("import os\nos._exit(0)", "f(1)", "exited (code 0) before the tests were done"),
+        ("def f(x):\n    raise ValueError('no')", "f(1)", "tests raised ValueError: no (raised "),
+        ("def f(x):\n    return x", "g(1)", "tests raised NameError: name 'g' is not defined"),
+        ("while True:\n    pass", "f(1)", "timeout"),
+    ],
+)
+def test_every_failure_says_why(code, tests, reason):
+    result = run_python(code, tests=tests, entry_point="f", timeout_s=2.0)
+    assert not result.passed
+    assert reason in result.reason, result.reason
+
+
 def test_reply_over_the_message_limit_fails():
     code = "def add(a, b):\n    return 'x' * (3 << 20)\n"
     result = run_python(code, tests="add(1, 2)", entry_point="add", max_message_mb=1)

@@ -19,6 +19,8 @@ from llada_train.rl.sandbox_child import (
     decode,
     encode,
     exception_from,
+    failure_reason,
+    global_reads,
     status_of_exception,
 )
 
@@ -126,9 +128,11 @@ def test_candidate_proxy_over_a_pipe():
     assert proxy([1], k=(2,)) == (1, 2.5)
     request = candidate.receive()
     assert decode(request["args"]) == [[1]] and request["kwargs"] == [["k", {"tuple": [2]}]]
+    assert request["name"] == "f"  # the function to call: the entry point or a helper
     os.write(replies_write, b'{"raised": ["KeyError", "k"]}\n')
-    with pytest.raises(KeyError):
+    with pytest.raises(KeyError) as raised:
         proxy()
+    assert raised.value.sandbox_callee == "f"  # for the reason: raised by the candidate's f
     for reply in (b'{"return": {"set": [[1]]}}\n', b"[1]\n", b'{"x": 1}\n', b"{\n"):
         os.write(replies_write, reply)
         with pytest.raises(ProtocolError):
@@ -167,3 +171,54 @@ def test_audit_rule_ignores_rebound_module_globals(monkeypatch):
     monkeypatch.setattr(sandbox_child, "os", None)
     assert rule("socket.connect", (None, None))
     assert rule("open", ("/tmp/x", "w", 1))
+
+
+def test_global_reads():
+    """The names the tests expect from elsewhere: read as globals somewhere, bound nowhere at
+    module level; these (less the built-ins and the setup's names) may be the candidate's
+    helpers."""
+    tests = (
+        "import math\nMETADATA = {}\n\n"
+        "def check(candidate):\n"
+        "    import random\n"
+        "    global counter\n"
+        "    counter = 1\n"
+        "    assert math.fabs(poly(coeffs, candidate(1))) < 1e-4\n"
+        "    assert [helper(i) for i in range(3)]\n"
+        "    def inner():\n        return other + candidate\n"
+        "    class K:\n        a = in_class\n"
+        "late(1)\n"
+        "def late(x):\n    return x\n"
+        "check(find_zero)\n"
+    )
+    assert global_reads(tests) == {
+        "poly", "coeffs", "helper", "other", "in_class", "find_zero", "range",
+    }  # fmt: skip
+    with pytest.raises(SyntaxError):
+        global_reads("assert f(1) ==")
+
+
+def _raise_in(source: str, filename: str, namespace: dict | None = None) -> BaseException:
+    try:
+        exec(compile(source, filename, "exec"), {} if namespace is None else namespace)
+    except BaseException as e:
+        return e
+    raise AssertionError("no exception")
+
+
+def test_failure_reason_names_the_line_of_the_tests():
+    tests = "x = 1\nassert x == 1\nassert x == 2, 'two'\n"
+    e = _raise_in(tests, "<tests>")
+    assert failure_reason(e, {"<tests>": tests}) == (
+        "tests failed: AssertionError: two at <tests> line 3: assert x == 2, 'two'"
+    )
+    setup = "def helper(x):\n    return 1 / x\n"
+    namespace: dict = {}
+    exec(compile(setup, "<setup>", "exec"), namespace)
+    tests = "assert helper(1) == 1\nhelper(0)\n"
+    e = _raise_in(tests, "<tests>", namespace)
+    reason = failure_reason(e, {"<setup>": setup, "<tests>": tests})
+    assert reason == (
+        "tests raised ZeroDivisionError: division by zero at <setup> line 2: return 1 / x"
+    )  # the deepest line of trusted code
+    assert failure_reason(AssertionError(), {}) == "tests failed: AssertionError"

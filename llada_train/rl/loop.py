@@ -44,7 +44,7 @@ from llada_train.losses import micro_batch_loss
 from llada_train.model.io import training_default
 from llada_train.rl.advantages import group_advantages, has_signal
 from llada_train.rl.objectives import OBJECTIVES, loss_count
-from llada_train.rl.rewards import score_batch
+from llada_train.rl.rewards import check_record, score_batch
 from llada_train.run import decoding, open_run
 from llada_train.sampler import Sampler, warn_untrained_editing
 from llada_train.tokenizer import encode_prompt
@@ -60,7 +60,8 @@ def load_prompts(
 ) -> list[dict]:
     """Records with `prompt_ids` added (chat template applied); errors name file and line. A
     prompt whose tokens + rollout.gen_length exceed `max_positions` (the model's
-    max_position_embeddings) is a BadRecord."""
+    max_position_embeddings), or a record its reward cannot score (`rewards.check_record`: a code
+    record without entry_point or tests, a math record without answer), is a BadRecord."""
     from llada_train.data.pipeline import BadRecord, read_records
 
     records = []
@@ -71,6 +72,10 @@ def load_prompts(
         reward = cfg.data.reward or rec.get("reward")
         if reward is None:
             raise BadRecord(f"{origin}: no 'reward' field and data.reward is not set")
+        try:  # a record its reward cannot score (e.g. code without entry_point) fails here
+            check_record(reward, rec)
+        except ValueError as e:
+            raise BadRecord(f"{origin}: {e}") from None
         prompt_ids = encode_prompt(tokenizer, prompt, cfg.data.system, True)
         total = len(prompt_ids) + cfg.rollout.gen_length
         if max_positions is not None and total > max_positions:

@@ -10,11 +10,18 @@ Contract:
   math-verify (extraction, LaTeX normalisation, symbolic equivalence; the checker of TRL and
   open-r1). The answer read is, in priority order: the content of the last complete
   `\\boxed{...}` (MATH/Minerva), the rest of the line after the last `####` (GSM8K strict), or
-  math-verify's reading of the whole text, last answer first (GSM8K flexible). The gold answer
-  is the text after `####` (a GSM8K solution), a solution's \\boxed{}, or a bare LaTeX answer.
-  Numbers, fractions, powers, roots, intervals, sets, tuples, equations ("x = 5" = 5), units and
-  \\text{} around the answer, thousands separators and choice letters are math-verify's. Our
-  choices on top (`_normalize_math`, `check_math_answer`): digits apart by a space are two
+  math-verify's reading of the whole text, last answer first (GSM8K flexible). A completion that
+  ends inside an unclosed `\\boxed{` (its final answer cut off) scores 0: no earlier answer
+  stands in for it. The gold answer is the text after `####` (a GSM8K solution), a solution's
+  \\boxed{}, or a bare LaTeX answer. Numbers, fractions, powers, roots, intervals, sets, tuples,
+  equations ("x = 5" = 5), \\text{} around the answer and choice letters are math-verify's. Our
+  choices on top (`_normalize_math`, `bare_number`, `check_math_answer`): against a gold answer
+  that is a number, a marked answer that is a number in common dress is read as that number:
+  unit words after it ("5 apples", "12 \\text{ cm}", "3 square feet", "60 km/h"; a bare word of
+  one letter is not a unit, "5 x" may be 5x, nor is a word that changes the value: "5 hundred",
+  "3 quarters", "5 or more"), thousands separators ("1,234", "1{,}234", "1\\,234"), a currency sign
+  ("\\$5", "$5.00", "5€") and a degree sign ("90^\\circ", "90°") are dropped (math-verify
+  alone reads "5 dollars" as a product and "90°" not at all); digits apart by a space are two
   numbers (GSM8K's extraction; math-verify would read "134 134" as 134134); the Unicode minus is
   a minus; a percent sign is dropped ("50%" is the number 50, as GSM8K writes percentages and
   Minerva's normalisation does, so 0.5 does not match a gold 50%); an integer gold answer must
@@ -27,25 +34,37 @@ Contract:
   unreadable gold answer is a bad record: ValueError (an error in `score`).
 - `code_reward`: 1.0 iff the record's tests pass against the completion's code in the sandbox
   (`llada_train.rl.sandbox`: the tests run in a process of their own and see only plain data
-  returned by the entry point). Records: ours {"prompt", "entry_point", "tests" (asserts)} or
-  HumanEval's {"prompt" (code), "entry_point", "test" (defines `check(candidate)`)}; see
-  `code_program`.
+  returned by calls of the candidate's functions). Records: ours {"prompt", "entry_point",
+  "tests" (asserts)} or HumanEval's {"prompt" (code), "entry_point", "test" (defines
+  `check(candidate)`)}; see `code_program`. Helpers the tests call: the prompt's own
+  definitions (`trusted_definitions`: HumanEval/32's `poly`, /38's `encode_cyclic`) run in the
+  tests' process; one that only the candidate's code defines is called across the same
+  plain-data boundary as the entry point. `code_verdict` says why a completion scores 0 ("tests
+  failed: AssertionError at <tests> line 3: ...", "entry point not defined: ...", "timeout:
+  ..."), which `score` returns as `reason`.
 - `sort_reward`: 1.0 iff the numbers of the completion's answer, in order, are the numbers of
   example["answer"] (the shipped sorting task: "12 15 33 47 71 89"). The answer read is the
   math reward's marked answer (`extract_answer`: the last \\boxed{...}, else the rest of the last
-  `####` line), else the whole completion. Numbers are the maximal runs of ASCII digits, with an
-  optional leading "-" and decimal part, compared by value (so "12.0" is 12); all other text
-  (words, commas, brackets) is ignored. A missing, extra, repeated or misplaced number scores 0.
-  A gold answer without a number is a bad record: ValueError (an error in `score`).
+  `####` line), else the whole completion; a truncated last \\boxed{ scores 0, as in math.
+  Numbers are the maximal runs of ASCII digits, with an optional leading "-" and decimal part,
+  compared by value (so "12.0" is 12); all other text (words, commas, brackets) is ignored. A
+  missing, extra, repeated or misplaced number scores 0. A gold answer without a number is a
+  bad record: ValueError (an error in `score`).
 - `format_reward`: 1.0 iff the completion gives its answer the expected way: a non-empty
-  `\\boxed{...}` or `#### ...` for math, a fenced code block for code records.
+  `\\boxed{...}` or `#### ...` for math (not one ending in an unclosed `\\boxed{`), a fenced
+  code block for code records.
 - `score` / `score_batch` never raise on a failing reward: a reward that raises (or, in a batch,
-  runs past the deadline) scores 0.0 and is counted as an error. An unknown reward name is a
-  configuration error and raises ValueError before anything runs.
+  runs past the deadline) scores 0.0 and is counted as an error. A wrong answer is no error;
+  `score`'s `reason` says why it scores 0 where the reward can (code). An unknown reward name is
+  a configuration error and raises ValueError before anything runs.
+- `check_record(name, record)`: ValueError for a record the reward cannot score (code: no
+  `entry_point`, no tests, tests that do not compile; math and sort: no answer), so that data
+  loading refuses it with its file and line (`llada_train.rl.loop.load_prompts`).
 """
 
 from __future__ import annotations
 
+import ast
 import json
 import logging
 import math
@@ -80,6 +99,7 @@ _BOXED = re.compile(r"\\(?:boxed|fbox)\s*\{")
 _FENCED = re.compile(r"```[ \t]*([\w+-]*)[^\n]*\n(.*?)```", re.DOTALL)
 _OPEN_FENCE = re.compile(r"```[ \t]*(?:python3?|py)?[ \t]*\n")
 _PYTHON_LANGS = ("python", "python3", "py")
+_DEFINITIONS = (ast.Import, ast.ImportFrom, ast.Assign, ast.AnnAssign, ast.ClassDef)
 _NUMBER = re.compile(r"-?[0-9]+(?:\.[0-9]+)?")  # sort reward: "12", "-3", "12.0"
 
 
@@ -88,9 +108,10 @@ _NUMBER = re.compile(r"-?[0-9]+(?:\.[0-9]+)?")  # sort reward: "12", "-3", "12.0
 # ---------------------------------------------------------------------------------------------
 
 
-def _last_boxed(text: str) -> str | None:
-    """Content of the last complete \\boxed{...} (or \\fbox{...}), braces balanced; None if
-    there is none. One pass over the text (linear time, whatever the nesting or truncation)."""
+def _scan_boxes(text: str) -> tuple[str | None, bool]:
+    """(content of the last complete \\boxed{...} (or \\fbox{...}), braces balanced, or None;
+    whether the text ends inside a box never closed: a truncated answer). One pass over the text
+    (linear time, whatever the nesting or truncation)."""
     opens: list[int | None] = []  # per open brace: where its boxed content starts, if a box
     starts = {m.end() - 1 for m in _BOXED.finditer(text)}  # positions of a boxed's "{"
     last = None
@@ -101,21 +122,38 @@ def _last_boxed(text: str) -> str | None:
             start = opens.pop()
             if start is not None:
                 last = text[start:i]
-    return last
+    return last, any(start is not None for start in opens)
+
+
+def _marked_answer(text: str) -> tuple[str | None, str]:
+    """(the final answer the completion marks, how): "boxed" (the last complete \\boxed{...},
+    MATH/Minerva), else "hash" (the rest of the line after the last non-empty `####`, GSM8K);
+    (None, "truncated") if the text ends inside an unclosed \\boxed{ (the final answer was cut
+    off: no earlier answer stands in for it); (None, "none") if it marks none."""
+    boxed, is_truncated = _scan_boxes(text)
+    if is_truncated:
+        return None, "truncated"
+    if boxed is not None and boxed.strip():
+        return boxed.strip(), "boxed"
+    for line in reversed(_HASH_ANSWER.findall(text)):
+        if line.strip():
+            return line.strip(), "hash"
+    return None, "none"
 
 
 def extract_answer(text: str) -> str | None:
     """The final answer the completion marks, as written: the content of the last complete
     \\boxed{...} (MATH/Minerva), else the rest of the line after the last non-empty `####`
     (GSM8K); None if it marks none (math-verify then reads the whole text, last answer first:
-    GSM8K's flexible extraction)."""
-    boxed = _last_boxed(text)
-    if boxed is not None and boxed.strip():
-        return boxed.strip()
-    for line in reversed(_HASH_ANSWER.findall(text)):
-        if line.strip():
-            return line.strip()
-    return None
+    GSM8K's flexible extraction) or if it ends inside an unclosed \\boxed{ (a truncated answer,
+    which scores 0: see `is_truncated`)."""
+    return _marked_answer(text)[0]
+
+
+def is_truncated(text: str) -> bool:
+    """Whether the completion ends inside a \\boxed{ never closed: its final answer was cut off,
+    and the math and sort rewards score it 0 (no earlier answer stands in for it)."""
+    return _scan_boxes(text)[1]
 
 
 def _normalize_math(text: str) -> str:
@@ -123,6 +161,81 @@ def _normalize_math(text: str) -> str:
     sign is dropped, so "50%" is the number 50 (GSM8K writes percentages as the bare number and
     Minerva's normalisation removes "\\%"): "50%" matches 50, not 0.5."""
     return text.replace("\u2212", "-").replace("\\%", "").replace("%", "")
+
+
+# A number as answers dress it: a sign, a currency sign before or after, thousands separators
+# ("1,234", LaTeX's "1{,}234" and "1\,234"; never a plain space: "1 234" is two numbers), a
+# decimal part; then the rest, which must be units (`_is_unit_tail`).
+_CURRENCY = r"(?:\\\$|\$|€|£|¥|₹|\\euro\b|\\pounds\b|\\yen\b)"
+_DRESSED_NUMBER = re.compile(
+    rf"(?P<sign>-)?\s*(?:{_CURRENCY}\s*)?(?:(?P<sign2>-)\s*)?"
+    r"(?P<int>[0-9]{1,3}(?:(?:,|\{,\}|\\,)[0-9]{3})+|[0-9]+)(?P<frac>\.[0-9]+)?"
+    rf"(?:\s*{_CURRENCY})?(?P<tail>.*)",
+    re.DOTALL,
+)
+_UNIT_TOKEN = re.compile(
+    r"(?P<sep>(?:\s|~|\\[ ,;:!]|\\q?quad\b|/)+)"
+    r"|(?P<degree>\^\s*\{\s*\\circ\s*\}|\^\s*\\circ\b|°|\\degree\b)"
+    r"|\\(?:text|textrm|textnormal|mathrm|mbox|operatorname)\s*\{(?P<text>[^{}]*)\}"
+    r"|(?P<word>[A-Za-z]+)\.?"
+    r"|(?P<power>\^\s*\{\s*[23]\s*\}|\^\s*[23]|[²³])"
+)
+# Words that change a number's value, never read as its unit: "5 hundred" is not 5.
+_VALUE_WORDS = frozenset(
+    "hundred hundreds thousand thousands million millions billion billions trillion trillions "
+    "dozen dozens half halves third thirds quarter quarters fourth fourths fifth fifths sixth "
+    "sixths seventh sevenths eighth eighths ninth ninths tenth tenths hundredth hundredths "
+    "thousandth thousandths squared cubed times plus minus over divided pi sqrt root roots "
+    "power or".split()
+)
+
+
+def _is_unit_word(word: str, is_short_ok: bool = False) -> bool:
+    """A unit's word: letters, two at least ("cm", "apples"; one only where it must be a unit:
+    after a degree sign as in 90°C, after "km/" as in km/h; "5 x" may be 5x), and not a word that
+    changes the value ("hundred", "or")."""
+    return (len(word) >= 2 or is_short_ok) and word.lower() not in _VALUE_WORDS
+
+
+def _is_unit_tail(tail: str) -> bool:
+    """Whether the text after a number is only its unit: words (apart from the number by a
+    space), \\text{...} words, a degree sign, powers of a unit (cm^2), separators, a period."""
+    tail = tail.rstrip().removesuffix(".")
+    pos, previous, last_unit = 0, "number", "number"  # the last token; the last but separators
+    is_per_unit = False  # after "km/": a one-letter unit may follow (km/h)
+    while pos < len(tail):
+        m = _UNIT_TOKEN.match(tail, pos)
+        if m is None:
+            return False
+        kind = m.lastgroup
+        if kind == "word":
+            is_short_ok = last_unit == "degree" or is_per_unit
+            if previous not in ("sep", "degree") or not _is_unit_word(m["word"], is_short_ok):
+                return False
+        elif kind == "text":
+            words = [w for w in re.split(r"[\s~/]+", m["text"]) if w]
+            if not all(re.fullmatch(r"[A-Za-z]+\.?", w) for w in words):
+                return False
+            if not all(_is_unit_word(w.rstrip("."), True) for w in words):
+                return False
+        elif kind == "power" and previous not in ("word", "text"):
+            return False
+        is_per_unit = kind == "sep" and "/" in m.group() and last_unit in ("word", "text")
+        previous, last_unit = kind, (last_unit if kind == "sep" else kind)
+        pos = m.end()
+    return True
+
+
+def bare_number(answer: str) -> str | None:
+    """The number of an answer written as a number in common dress, else None: "\\$1,234.50"
+    -> "1234.50", "5 apples" and "12 \\text{ cm}" -> "5", "12", "90^\\circ" and "90°" -> "90"
+    (`_DRESSED_NUMBER`, `_is_unit_tail`). Used when the gold answer is a number, so that the
+    dress is not read as part of the answer (math-verify reads "5 dollars" as a product)."""
+    m = _DRESSED_NUMBER.fullmatch(_normalize_math(answer).strip())
+    if m is None or (m["sign"] and m["sign2"]) or not _is_unit_tail(m["tail"]):
+        return None
+    digits = re.sub(r"[^0-9]", "", m["int"])
+    return ("-" if m["sign"] or m["sign2"] else "") + digits + (m["frac"] or "")
 
 
 def _parse_gold(gold: str) -> list:
@@ -149,10 +262,15 @@ def check_math_answer(completion: str, gold: str) -> bool:
     from sympy import Number, Rational
 
     gold_parsed = _parse_gold(str(gold))
-    marked = extract_answer(completion)
-    if marked is None:
+    marked, how = _marked_answer(completion)
+    if how == "truncated":
+        return False  # the final answer was cut off
+    bare = bare_number(completion if marked is None else marked)
+    if bare is not None and isinstance(gold_parsed[0], Number):
+        text = f"${bare}$"  # a number gold: the marked number without its dress (units, $, ...)
+    elif how == "none":
         text = completion  # no marked answer: math-verify's reading of the whole text
-    elif marked == (_last_boxed(completion) or "").strip():
+    elif how == "boxed":
         text = "\\boxed{" + marked + "}"  # boxed: math-verify's LaTeX normalisation of a box
     else:
         text = marked  # the rest of a `####` line
@@ -317,6 +435,8 @@ def sort_reward(completion: str, example: dict) -> float:
     gold = read_numbers(str(example["answer"]))
     if not gold:
         raise ValueError(f"gold answer {example['answer']!r} holds no number: write the list")
+    if is_truncated(completion):
+        return 0.0  # the final answer was cut off
     marked = extract_answer(completion)
     return 1.0 if read_numbers(completion if marked is None else marked) == gold else 0.0
 
@@ -341,6 +461,48 @@ def extract_code(text: str) -> str:
     return text
 
 
+def _is_stub(node: ast.FunctionDef | ast.AsyncFunctionDef) -> bool:
+    """Whether a function is a stub: its body only a docstring, `pass`, `...` or a raise of
+    NotImplementedError (a signature for the candidate to fill in)."""
+    for statement in node.body:
+        if isinstance(statement, ast.Pass):
+            continue
+        if isinstance(statement, ast.Expr) and isinstance(statement.value, ast.Constant):
+            continue  # the docstring, or `...`
+        if isinstance(statement, ast.Raise) and "NotImplementedError" in ast.unparse(statement):
+            continue
+        return False
+    return True
+
+
+def trusted_definitions(source: str, entry_point: str) -> str | None:
+    """The definitions a record's prompt gives the tests, as source: its imports, assignments,
+    classes, and the functions it defines with a body (HumanEval/32's `poly`, /38's
+    `encode_cyclic`), in order; None if `source` is not Python or gives none. Left out: the
+    entry point and stubs (the candidate's to write: a call of one from the tests goes to the
+    candidate's function), and every statement that does something (expressions, loops, ...),
+    so that prose which happens to parse runs nothing."""
+    try:
+        tree = ast.parse(source)
+    except (SyntaxError, ValueError):  # ValueError: a null byte
+        return None
+    kept = []
+    for node in tree.body:
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            if node.name != entry_point and not _is_stub(node):
+                kept.append(node)
+        elif isinstance(node, _DEFINITIONS):
+            kept.append(node)
+    if not kept:
+        return None
+    return ast.unparse(ast.Module(body=kept, type_ignores=[])) + "\n"
+
+
+def _prompt_code(prompt: str) -> str:
+    """The code of a record's prompt: its last fenced code block if it has one, else itself."""
+    return extract_code(prompt) if _FENCED.search(prompt) else prompt
+
+
 def code_program(completion: str, example: dict) -> dict[str, str | None]:
     """The sandbox job of a code record: the candidate's code, the trusted tests and setup.
 
@@ -348,32 +510,36 @@ def code_program(completion: str, example: dict) -> dict[str, str | None]:
     record's asserts. HumanEval-style records {"prompt" (code: signature and docstring),
     "entry_point", "test" (defines `check(candidate)`)}: code = the prompt followed by the
     extracted code when that defines the entry point (a whole function written in a chat), else
-    by the completion (a continuation of the prompt); tests = `test` + `check(entry_point)`;
-    setup = the prompt when it compiles alone, so helpers it defines are there for the tests
-    (trusted code, run in the harness). Raises ValueError for a
-    record with neither "tests" nor "test".
+    by the completion (a continuation of the prompt); tests = `test` + `check(entry_point)`.
+    Both: setup = `trusted_definitions` of the prompt's code (its last fenced block, or the
+    prompt itself), so that helpers the prompt defines (HumanEval/32's `poly`) are there for
+    the tests as trusted code, run in the harness; a helper the tests call that only the
+    candidate's code defines is called in the candidate (see `llada_train.rl.sandbox`). Raises
+    ValueError for a record with neither "tests" nor "test", KeyError without "entry_point"
+    (`check_record` refuses both when data is loaded).
     """
     entry_point = example["entry_point"]
     code = extract_code(completion)
+    prompt = example.get("prompt") or ""
     if "tests" in example:
-        return {"code": code, "tests": example["tests"], "entry_point": entry_point, "setup": None}
+        setup = trusted_definitions(_prompt_code(prompt), entry_point)
+        return {"code": code, "tests": example["tests"], "entry_point": entry_point, "setup": setup}
     if "test" not in example:
         raise ValueError(f"code record without 'tests' or 'test': keys {sorted(example)}")
-    prompt = example.get("prompt", "")
     defines = re.search(rf"^\s*def\s+{re.escape(entry_point)}\s*\(", code, re.MULTILINE)
     code = prompt + "\n" + code if defines else prompt + completion
     tests = f"{example['test']}\n\ncheck({entry_point})\n"
-    try:  # a prompt that is a whole stub (HumanEval's are) also runs before the tests
-        compile(prompt, "<prompt>", "exec")
-    except SyntaxError:
-        prompt = None
-    return {"code": code, "tests": tests, "entry_point": entry_point, "setup": prompt}
+    setup = trusted_definitions(prompt, entry_point)  # HumanEval's prompt is a whole stub
+    return {"code": code, "tests": tests, "entry_point": entry_point, "setup": setup}
 
 
-def code_reward(completion: str, example: dict) -> float:
-    """1.0 iff the record's tests pass against the completion's entry point in the sandbox: the
-    tests run in a process of their own and reach the candidate only through calls of the entry
-    point (see `llada_train.rl.sandbox`), so no code of the candidate can fake a pass."""
+def code_verdict(completion: str, example: dict) -> tuple[float, str | None]:
+    """(1.0, None) iff the record's tests pass against the completion's code in the sandbox,
+    else (0.0, why): the sandbox's one-line reason, e.g. "tests failed: AssertionError at
+    <tests> line 3: assert f(2) == 4", "entry point not defined: ...", "timeout: ...". The tests
+    run in a process of their own and reach the candidate only through calls of its functions
+    that return plain data (see `llada_train.rl.sandbox`), so no code of the candidate can fake
+    a pass. A failure of the sandbox itself raises RuntimeError (an error in `score`)."""
     job = code_program(completion, example)
     result = run_python(
         job["code"],
@@ -384,7 +550,39 @@ def code_reward(completion: str, example: dict) -> float:
     )
     if result.status == "sandbox_error":  # our failure, not the model's: count it as an error
         raise RuntimeError(f"sandbox failed: {result.stderr}")
-    return 1.0 if result.passed else 0.0
+    if result.passed:
+        return 1.0, None
+    return 0.0, result.reason or result.status
+
+
+def code_reward(completion: str, example: dict) -> float:
+    """1.0 iff the record's tests pass against the completion's code in the sandbox (see
+    `code_verdict`, which also says why a completion scores 0)."""
+    return code_verdict(completion, example)[0]
+
+
+def check_code_record(example: dict) -> None:
+    """Raise ValueError, saying what to change, for a code record that cannot be scored: no
+    "entry_point" (a function name), no "tests" or "test", or tests that do not compile."""
+    entry_point = example.get("entry_point")
+    if not isinstance(entry_point, str) or not entry_point.isidentifier():
+        raise ValueError(
+            f"code record with entry_point {entry_point!r}: set 'entry_point' to the name of "
+            "the function the tests call"
+        )
+    if isinstance(example.get("tests"), str):
+        tests = example["tests"]
+    elif isinstance(example.get("test"), str):
+        tests = f"{example['test']}\n\ncheck({entry_point})\n"
+    else:
+        raise ValueError(
+            "code record without tests: give 'tests' (asserts calling the entry point) or "
+            "HumanEval's 'test' (defining check(candidate))"
+        )
+    try:
+        compile(tests, "<tests>", "exec")
+    except (SyntaxError, ValueError) as e:
+        raise ValueError(f"the record's tests do not compile: {e}") from None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -394,7 +592,8 @@ def code_reward(completion: str, example: dict) -> float:
 
 def format_reward(completion: str, example: dict) -> float:
     """1.0 iff the answer is given in the expected form: for code records (with "tests" or
-    "test") a fenced code block; otherwise a non-empty `\\boxed{...}` or `#### ...` answer."""
+    "test") a fenced code block; otherwise a non-empty `\\boxed{...}` or `#### ...` answer
+    (`extract_answer`: none where the text ends in an unclosed \\boxed{)."""
     if "tests" in example or "test" in example:
         return 1.0 if _FENCED.search(completion) else 0.0
     return 1.0 if extract_answer(completion) is not None else 0.0
@@ -418,23 +617,51 @@ def get_reward(name: str) -> RewardFn:
     return REWARDS[name]
 
 
+# Rewards that can say why a completion scores 0: reward function -> (value, reason) function.
+_VERDICTS: dict[RewardFn, Callable[[str, dict], tuple[float, str | None]]] = {
+    code_reward: code_verdict,
+}
+
+
+def check_record(name: str, example: dict) -> None:
+    """Raise ValueError, saying what to change, for a record that reward `name` cannot score
+    (the fields it reads are missing or malformed), so that data loading refuses it with its
+    file and line instead of every score of it failing later. Unknown names: ValueError."""
+    get_reward(name)
+    if name in ("math", "sort") and example.get("answer") in (None, ""):
+        raise ValueError(f"record without 'answer': the {name} reward compares with it")
+    if name == "code":
+        check_code_record(example)
+
+
 @dataclass(frozen=True)
 class RewardResult:
     value: float
     error: str | None  # why the reward failed (value is then 0.0), None if it did not
+    reason: str | None = None  # why the value is 0 where the reward says (code), or the error
 
 
 def score(name: str, completion: str, example: dict) -> RewardResult:
     """Run reward `name`; a reward that raises or returns a non-finite value scores 0.0 with the
-    error, so a faulty reward cannot stop training. Raises ValueError for an unknown name."""
+    error, so a faulty reward cannot stop training. A wrong answer is no error: where the reward
+    says why it scores 0 (code: "tests failed: ..."), that is `reason`. Raises ValueError for an
+    unknown name."""
     fn = get_reward(name)
     try:
-        value = float(fn(completion, example))
+        verdict = _VERDICTS.get(fn)
+        value, reason = verdict(completion, example) if verdict else (fn(completion, example), None)
+        value = float(value)
         if not math.isfinite(value):
             raise ValueError(f"non-finite reward {value}")
-        return RewardResult(value, None)
+        return RewardResult(value, None, reason)
     except Exception as e:
-        return RewardResult(0.0, f"{name}: {type(e).__name__}: {e}")
+        error = f"{name}: {type(e).__name__}: {e}"
+        return RewardResult(0.0, error, error)
+
+
+def _timed_out(name: str, timeout_s: float | None) -> RewardResult:
+    error = f"{name}: timeout after {timeout_s} s"
+    return RewardResult(0.0, error, error)
 
 
 def score_batch(
@@ -469,7 +696,7 @@ def score_batch(
         futures = [pool.submit(score, *job) for job in jobs]
         wait(futures, timeout=timeout_s)
         results = [
-            f.result() if f.done() else RewardResult(0.0, f"{name}: timeout after {timeout_s} s")
+            f.result() if f.done() else _timed_out(name, timeout_s)
             for f, name in zip(futures, names, strict=True)
         ]
     finally:

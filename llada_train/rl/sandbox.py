@@ -31,8 +31,14 @@ process; the parent requires both. Neither is reachable from the candidate's pro
 - the tests cannot be skipped or patched (settrace, builtins, monkeypatching the asserts): they
   run in the harness, where no candidate code runs.
 What the candidate can do is answer calls, crash, hang or exhaust its budgets: each ends in
-`passed=False`. Tests may reach the candidate only through `entry_point` with plain-data
-arguments (in-place mutation of an argument is not seen by the tests); `setup` is trusted code
+`passed=False`. Tests may reach the candidate only through calls with plain-data arguments (an
+in-place mutation of an argument is not seen by the tests) of `entry_point` and of helpers: the
+candidate's other top-level functions that the tests call and no trusted code defines (e.g.
+HumanEval/38's `encode_cyclic` where the candidate's code is the only one to define it; see
+`sandbox_child.py`). A helper is bound only where the tests would otherwise meet a NameError, so
+it never replaces a built-in, a name of `setup` or one the tests define; what a helper answers
+is trusted as far as the tests trust it, like the entry point's answers (put a helper the tests
+use as a reference, such as HumanEval/32's `poly`, in `setup` instead). `setup` is trusted code
 run in the harness before the tests (e.g. a HumanEval prompt's helper functions).
 
 Process layout: the outer process (root) joins the run's cgroups, unshares namespaces and forks
@@ -85,9 +91,12 @@ matter. In a root container without CAP_SYS_ADMIN the namespaces are skipped and
 still happens.
 
 Statuses: "ok" (the tests, or the code, ran to the end), "failed" (AssertionError), "error" (any
-other exception, SystemExit included, or an exit before the end), "timeout" (wall clock or CPU
-limit), "memory" (MemoryError, or the run's memory budget), "killed" (another signal, e.g. a
-crash), "sandbox_error" (the sandbox itself failed; the message is in `stderr`).
+other exception, SystemExit included, an exit before the end, or an entry point the code does
+not define), "timeout" (wall clock or CPU limit), "memory" (MemoryError, or the run's memory
+budget), "killed" (another signal, e.g. a crash), "sandbox_error" (the sandbox itself failed;
+the message is in `stderr`). `reason` says why in one line whenever `passed` is False, e.g.
+"tests failed: AssertionError at <tests> line 3: assert f(2) == 4", "entry point not defined:
+...", "timeout: past the wall clock of 5.0 s".
 """
 
 from __future__ import annotations
@@ -128,6 +137,7 @@ class SandboxResult:
     wall_s: float
     isolation: tuple[str, ...]  # layers set up for the run, see the module docstring
     memory_peak_mb: float | None = None  # all the run's processes together, where measured
+    reason: str | None = None  # why it did not pass, one line; None when it passed
 
 
 # ---------------------------------------------------------------------------------------------
@@ -464,6 +474,27 @@ def _status(verdict: dict, returncode: int | None, is_timeout: bool, is_over_mem
     return "killed" if returncode is not None and returncode < 0 else "error"
 
 
+def _reason(
+    status: str, verdict: dict, returncode: int | None, timeout_s: float, memory_mb: int
+) -> str | None:
+    """One line on why a run with this status did not pass: the harness's own account where the
+    status is its verdict, else what stopped the run from outside."""
+    if status == "ok" and returncode == 0:
+        return None
+    told = verdict.get("reason")
+    if status == verdict.get("status") and isinstance(told, str) and told:
+        return told[:2000]
+    if status == "timeout":
+        return f"timeout: past the wall clock of {timeout_s} s or the CPU time limit"
+    if status == "memory":
+        return f"memory: over the run's budget of {memory_mb} MiB"
+    if status == "killed":
+        return f"killed by signal {-returncode}" if returncode and returncode < 0 else "killed"
+    if status == "sandbox_error":
+        return "sandbox error: the sandbox could not be set up (see stderr)"
+    return f"{status}: the run ended before the tests were done (exit code {returncode})"
+
+
 def run_python(
     code: str,
     *,
@@ -485,8 +516,10 @@ def run_python(
     """Run `code`, then the trusted `tests` against its `entry_point` (see the module docstring);
     never raises.
 
-    tests: trusted source run in the harness, `entry_point` bound to the candidate's function;
-    None: `passed` means `code` ran to its end. setup: trusted source run in the harness first.
+    tests: trusted source run in the harness, `entry_point` bound to the candidate's function
+    (and any other function of the candidate the tests call that no trusted code defines, see
+    the module docstring); None: `passed` means `code` ran to its end. setup: trusted source run
+    in the harness first.
     timeout_s: wall clock; cpu_s: CPU seconds per process (default: timeout_s, rounded up);
     memory_mb: all the run's processes together (the cgroup or the watcher), and the address
     space of each; max_processes: processes and threads of the candidate, all together;
@@ -582,6 +615,7 @@ def run_python(
                 wall_s=time.perf_counter() - start,
                 isolation=tuple(isolation) + tuple(verdict.get("layers", [])),
                 memory_peak_mb=None if peak is None else peak / 2**20,
+                reason=_reason(status, verdict, proc.returncode, timeout_s, memory_mb),
             )
     except BaseException as e:  # the sandbox itself failed: report it, never raise
         if watched is not None:
@@ -598,6 +632,7 @@ def run_python(
             stderr=f"{type(e).__name__}: {e}",
             wall_s=time.perf_counter() - start,
             isolation=(),
+            reason=f"sandbox error: {type(e).__name__}: {e}",
         )
     finally:
         if cgroup is not None:

@@ -5,7 +5,8 @@ so that the child imports nothing from the project or site-packages), with stdin
 JSON: {"code": candidate source, "tests": trusted test source or null, "entry_point": name or
 null, "setup": trusted source run before the tests or null}. Importing this module has no side
 effect: `main()` runs only as a script, and the pure helpers (`encode`, `decode`,
-`audit_rule`, `status_of_exception`) are unit-tested in-process.
+`audit_rule`, `status_of_exception`, `global_reads`, `failure_reason`) are unit-tested
+in-process.
 
 Processes of one run (root caller; see `sandbox.py` for the layers):
     outer   joins the run's cgroups, unshares namespaces, forks `init`, waits, exits as it did.
@@ -19,19 +20,30 @@ Processes of one run (root caller; see `sandbox.py` for the layers):
 
 Call protocol (one JSON document per line, at most `max_message_bytes` per line):
     candidate -> harness  {"layers": [...]}        before any untrusted code runs
-    candidate -> harness  {"ready": true} | {"raised": [type name, message]}   after the code ran
-    harness -> candidate  {"args": [...], "kwargs": [[key, value], ...]}       one call
+    candidate -> harness  {"ready": true, "callables": [name, ...]}   after the code ran: the
+                          names of its top-level callables | {"raised": [type name, message]}
+    harness -> candidate  {"name": name, "args": [...], "kwargs": [[key, value], ...]}  one call
     candidate -> harness  {"return": value} | {"raised": [type name, message]}
+The harness calls `name` = the entry point, or a helper: a name the tests read as a global
+(`global_reads`) that neither the trusted setup, the tests themselves nor the built-ins define,
+and that the candidate lists among its callables (e.g. HumanEval/38's `encode_cyclic` when only
+the candidate's code defines it). Helpers are bound only where the tests would otherwise hit a
+NameError, so the candidate can never replace a trusted name (a built-in such as `sorted`, a
+helper of the setup, a function of the tests); a call of a helper crosses the boundary exactly
+like a call of the entry point. An entry point missing from the callables ends the run before
+the tests ("error": the code does not define it). The candidate's list is hostile input: it is
+only intersected with the names the harness wants, so a false list gains nothing.
 Values cross the boundary in a tagged JSON form of plain built-in data only (None, bool, int,
 float, complex, str, bytes, list, tuple, dict, set, frozenset; `encode` checks exact types, so an
 int subclass or any object of the candidate's own class is refused), and the harness decodes
 them into fresh built-in objects: whatever the candidate returns, the tests compare built-in
 values with the built-in `==`, so an object that fakes equality cannot reach them.
 
-Verdict (harness -> parent, JSON on `verdict_fd`): {"status": ..., "layers": [...]}, status one of
-ok | failed | error | timeout | memory | killed | sandbox_error; the harness then exits with
-`STATUS_CODES[status]`, which the outer process passes on. Exit codes when no verdict can be
-written: EXIT_CPU (CPU limit), EXIT_SANDBOX (the sandbox itself failed).
+Verdict (harness -> parent, JSON on `verdict_fd`): {"status": ..., "layers": [...], "reason":
+why it is not "ok" (e.g. "tests failed: AssertionError at <tests> line 3: assert f(2) == 4"), or
+null}, status one of ok | failed | error | timeout | memory | killed | sandbox_error; the harness
+then exits with `STATUS_CODES[status]`, which the outer process passes on. Exit codes when no
+verdict can be written: EXIT_CPU (CPU limit), EXIT_SANDBOX (the sandbox itself failed).
 """
 
 from __future__ import annotations
@@ -150,6 +162,57 @@ def exception_from(raised: object) -> BaseException:
     return Exception(f"{name}: {message}")
 
 
+def global_reads(source: str) -> set[str]:
+    """Names `source` reads as globals anywhere (module level, functions, classes,
+    comprehensions) and never binds at module level (assignment, def, class, import, `global`):
+    those it expects from elsewhere. SyntaxError for a source that does not compile."""
+    import symtable
+
+    reads: set[str] = set()
+    bound: set[str] = set()
+    tables = [symtable.symtable(source, "<tests>", "exec")]
+    while tables:
+        table = tables.pop()
+        tables.extend(table.get_children())
+        is_module = table.get_type() == "module"
+        for symbol in table.get_symbols():
+            name = symbol.get_name()
+            if is_module and symbol.is_local():
+                bound.add(name)  # bound at module level
+            elif is_module or symbol.is_global():
+                if symbol.is_assigned() or symbol.is_imported():
+                    bound.add(name)  # `global name` then bound in a function
+                if symbol.is_referenced():
+                    reads.add(name)
+    return reads - bound
+
+
+def failure_reason(e: BaseException, sources: dict[str, str]) -> str:
+    """Why trusted code stopped with `e`: the exception, and the last line of trusted code it
+    went through (`sources`: file name -> source), e.g. "tests failed: AssertionError at <tests>
+    line 3: assert f(2) == 4", "tests raised NameError: name 'g' is not defined at ..."; an
+    exception the candidate raised in a call says so."""
+    where = ""
+    tb = e.__traceback__
+    while tb is not None:
+        filename = tb.tb_frame.f_code.co_filename
+        if filename in sources:
+            lines = sources[filename].splitlines()
+            line = lines[tb.tb_lineno - 1].strip() if 0 < tb.tb_lineno <= len(lines) else ""
+            where = f" at {filename} line {tb.tb_lineno}: {line[:200]}"
+        tb = tb.tb_next
+    try:
+        message = str(e)[:500]
+    except Exception:
+        message = ""
+    kind = type(e).__name__ + (f": {message}" if message else "")
+    caller = getattr(e, "sandbox_callee", None)
+    if type(caller) is str:
+        kind += f" (raised by the candidate's {caller})"
+    head = "tests failed:" if isinstance(e, AssertionError) else "tests raised"
+    return f"{head} {kind}{where}"
+
+
 def status_of_exception(e: BaseException) -> str:
     """Status of a run whose tests stopped with `e` (AssertionError: the tests failed)."""
     if isinstance(e, AssertionError):
@@ -201,14 +264,16 @@ class Channel:
 
 
 class Candidate:
-    """The harness's stand-in for the candidate's entry point: each call crosses to the
-    candidate process and returns a freshly decoded built-in value (or raises)."""
+    """The harness's stand-in for a function of the candidate (its entry point or a helper the
+    tests name): each call crosses to the candidate process and returns a freshly decoded
+    built-in value (or raises)."""
 
     def __init__(self, channel: Channel, name: str) -> None:
-        self._channel, self.__name__ = channel, name
+        self._channel, self._name, self.__name__ = channel, name, name
 
     def __call__(self, *args: object, **kwargs: object) -> object:
         request = {
+            "name": self._name,
             "args": encode(list(args)),
             "kwargs": [[k, encode(v)] for k, v in kwargs.items()],
         }
@@ -220,7 +285,9 @@ class Candidate:
             except (ValueError, TypeError, RecursionError) as e:  # TypeError: unhashable
                 raise ProtocolError(f"malformed value: {e}") from None
         if set(reply) == {"raised"}:
-            raise exception_from(reply["raised"])
+            error = exception_from(reply["raised"])
+            error.sandbox_callee = self._name  # for `failure_reason`
+            raise error
         raise ProtocolError("malformed reply from the candidate")
 
 
@@ -476,17 +543,19 @@ def _run_candidate(cfg: dict, job: dict, layers: list[str], channel: Channel) ->
     del cfg, job
     try:
         exec(compile(source, "<sandbox>", "exec"), namespace)  # compiled under the limits
+        names = [k for k, v in namespace.items() if type(k) is str and callable(v)]
         _flush()  # the run may end as soon as the harness has its answer
-        channel.send({"ready": True})
+        channel.send({"ready": True, "callables": names})
         while True:
             try:
                 request = channel.receive()
             except CandidateGone:
                 break  # the harness is done
             try:
+                function = namespace[request.get("name", entry_point)]
                 args = decode(request["args"])
                 kwargs = {k: decode(v) for k, v in request["kwargs"]}
-                reply = {"return": encode(namespace[entry_point](*args, **kwargs))}
+                reply = {"return": encode(function(*args, **kwargs))}
             except Exception as e:
                 traceback.print_exc()
                 reply = {"raised": [type(e).__name__, str(e)[:1000]]}
@@ -513,45 +582,84 @@ def _flush() -> None:
             pass
 
 
-def _candidate_status(pid: int) -> str:
-    """Status of a run whose candidate process ended early, from its wait status."""
+def _candidate_status(pid: int) -> tuple[str, str]:
+    """Status of a run whose candidate process ended early, from its wait status, and why."""
     _, status = os.waitpid(pid, 0)
     if os.WIFSIGNALED(status):
-        return "timeout" if os.WTERMSIG(status) == signal.SIGXCPU else "killed"
+        sig = os.WTERMSIG(status)
+        if sig == signal.SIGXCPU:
+            return "timeout", "the candidate process ran out of CPU time"
+        return "killed", f"the candidate process was killed by signal {sig}"
     code = os.waitstatus_to_exitcode(status)
-    return {EXIT_CPU: "timeout", EXIT_SANDBOX: "sandbox_error"}.get(code, "error")
+    if code == EXIT_CPU:
+        return "timeout", "the candidate process ran out of CPU time"
+    if code == EXIT_SANDBOX:
+        return "sandbox_error", "the candidate process could not be set up"
+    return "error", f"the candidate process exited (code {code}) before the tests were done"
+
+
+def _callables(message: dict) -> set[str]:
+    """The candidate's callables from its "ready" message (hostile input: checked)."""
+    names = message.get("callables", [])
+    if type(names) is not list or any(type(name) is not str for name in names):
+        raise ProtocolError("malformed list of callables")
+    return set(names)
 
 
 def _harness(cfg: dict, job: dict, channel: Channel, candidate_pid: int) -> dict:
     """Run the trusted tests against the candidate; the verdict."""
+    layers: list = []
     try:
         message = channel.receive()
         layers = message["layers"]  # written before any untrusted code ran
         message = channel.receive()
+        callables = _callables(message) if set(message) <= {"ready", "callables"} else set()
     except CandidateGone:
-        return {"status": _candidate_status(candidate_pid), "layers": []}
-    except ProtocolError:
-        return {"status": "error", "layers": layers}
-    if set(message) != {"ready"}:  # the code raised while loading
-        e = exception_from(message.get("raised"))
-        return {"status": status_of_exception(e), "layers": layers}
+        status, reason = _candidate_status(candidate_pid)
+        return {"status": status, "layers": [], "reason": reason}
+    except ProtocolError as e:
+        return {"status": "error", "layers": layers, "reason": f"protocol error: {e}"}
+    if not message.get("ready"):  # the code raised while loading
+        raised = message.get("raised")
+        e = exception_from(raised)
+        is_named = type(raised) is list and len(raised) == 2 and type(raised[0]) is str
+        name = raised[0][:100] if is_named else "?"
+        reason = f"the code raised {name}: {str(e)[:500]}"  # SyntaxError: with its line
+        return {"status": status_of_exception(e), "layers": layers, "reason": reason}
+    entry_point = job["entry_point"]
+    if entry_point and entry_point not in callables:
+        reason = f"entry point not defined: the code defines no function {entry_point!r}"
+        return {"status": "error", "layers": layers, "reason": reason}
+    sources = {"<setup>": job["setup"] or "", "<tests>": job["tests"] or ""}
     namespace: dict = {"__name__": "__main__"}
     try:
         if job["setup"]:
             exec(compile(job["setup"], "<setup>", "exec"), namespace)
-        if job["entry_point"]:
-            namespace[job["entry_point"]] = Candidate(channel, job["entry_point"])
+        if entry_point:
+            namespace[entry_point] = Candidate(channel, entry_point)
         if job["tests"]:
+            import builtins
+
+            wanted = global_reads(job["tests"]) - set(namespace) - set(dir(builtins))
+            for name in sorted(wanted & callables):
+                if not name.startswith("__"):
+                    namespace[name] = Candidate(channel, name)  # a helper the tests name
             exec(compile(job["tests"], "<tests>", "exec"), namespace)
     except CandidateGone:
-        return {"status": _candidate_status(candidate_pid), "layers": layers}
+        status, reason = _candidate_status(candidate_pid)
+        return {"status": status, "layers": layers, "reason": reason}
     except BaseException as e:
         try:
             traceback.print_exc()
         except BaseException:
             pass
-        return {"status": status_of_exception(e), "layers": layers}
-    return {"status": "ok", "layers": layers}
+        status, reason = status_of_exception(e), ""
+        try:
+            reason = failure_reason(e, sources)
+        except BaseException:
+            reason = f"tests stopped with {type(e).__name__}"
+        return {"status": status, "layers": layers, "reason": reason}
+    return {"status": "ok", "layers": layers, "reason": None}
 
 
 def _init(cfg: dict, job: dict, layers: list[str]) -> None:
