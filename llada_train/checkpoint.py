@@ -8,6 +8,7 @@ Layout of `<output_dir>/checkpoints/`:
         smoke_generation.json a few prompts decoded at the save (rewritten on resume if missing)
         COMPLETE.json         written last, before the rename: {"step": 50, "files": {...}}
     step_00000100.partial/    a save in progress (or killed): ignored and removed on restart
+                              (never another live run's: one run per output_dir, lock.py)
     step_00000050.deleting/   a pruned checkpoint being deleted: ignored and removed on restart
 
 Contract: a checkpoint becomes visible under its final name only by one `os.rename` after every
@@ -297,11 +298,18 @@ def _write_partial(engine, ckpt_root, partial, client_state, is_main, export_hf,
         if is_main:
             state = (export_state or official_state_dict)(model, gather=gather)
             hf_dir = os.path.join(partial, "hf")
+            from llada_train.model.card import describe_run, generation_fields, write_model_card
+
+            # what the export is (model card) and what it carries from init_from (remote code,
+            # generation config, tokenizer): it loads where the model it was tuned from loads
+            info = describe_run(os.path.dirname(os.path.abspath(ckpt_root)), facts, step)
             save_pretrained(
-                base_model(model), hf_dir, dtype=export_dtype, tokenizer=tokenizer, state=state
-            )
+                base_model(model), hf_dir, dtype=export_dtype, tokenizer=tokenizer, state=state,
+                source_dir=info.source_dir, generation=generation_fields(info),
+            )  # fmt: skip
             if facts is not None:
                 save_training_facts(hf_dir, {**facts, "step": step})
+            write_model_card(hf_dir, info)
         else:
             for _ in whole_units(model, gather):  # take part in the gathers, copy nothing
                 pass

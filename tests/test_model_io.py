@@ -45,7 +45,10 @@ def test_save_load_identical_logits_sharded(tiny_model, tmp_path):
 
 def test_save_single_file_and_bf16(tiny_model, tmp_path):
     out = save_pretrained(tiny_model, tmp_path / "ckpt", dtype=torch.bfloat16)
-    assert sorted(os.listdir(out)) == ["config.json", "model.safetensors"]
+    assert sorted(os.listdir(out)) == [  # weights, config, generation config, remote code
+        "config.json", "configuration_llada2_moe.py", "generation_config.json",
+        "model.safetensors", "modeling_llada2_moe.py",
+    ]  # fmt: skip
     tensors = load_file(os.path.join(out, "model.safetensors"))
     assert tensors["lm_head.weight"].dtype == torch.bfloat16
     assert tensors["model.layers.1.mlp.gate.expert_bias"].dtype == torch.float32

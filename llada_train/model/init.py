@@ -1,7 +1,8 @@
 """`python -m llada_train.model.init model=NAME out=DIR`: write a freshly initialised model.
 
 The directory is a complete HF-format checkpoint in the official layout (config.json, sharded
-safetensors, index, tokenizer files), the starting point of CPT from scratch and of tests.
+safetensors, index, tokenizer files, generation_config.json, llada_train's remote code under the
+official auto_map names, a model card), the starting point of CPT from scratch and of tests.
 Special ids (mask, EOS, pad) come from the tokenizer when one is given, else from the model
 config; the config's vocab_size must cover the tokenizer (`llada_train.model.build`).
 """
@@ -18,6 +19,7 @@ from llada_train import CONF_DIR
 from llada_train.config import register_schemas
 from llada_train.errors import user_errors
 from llada_train.model.build import model_config_from_node
+from llada_train.model.card import generation_fields, init_info, write_model_card
 from llada_train.model.io import save_pretrained
 from llada_train.model.modeling import LLaDA2MoeModelLM
 from llada_train.tokenizer import resolve_tokenizer
@@ -32,13 +34,16 @@ def init_model_dir(cfg: DictConfig) -> str:
     torch.manual_seed(cfg.seed)
     model = LLaDA2MoeModelLM(config)
     total, active = config.num_parameters()
+    info = init_info(cfg.seed)
     out = save_pretrained(
         model,
         os.path.abspath(cfg.out),
         dtype=_DTYPES[cfg.dtype],
         max_shard_bytes=int(cfg.max_shard_gb * 1024**3),
         tokenizer=tokenizer,
+        generation=generation_fields(info),
     )
+    write_model_card(out, info)  # a README.md that says what this is and what loads it
     print(f"wrote {out}: {total / 1e6:.2f}M parameters ({active / 1e6:.2f}M active per token)")
     return out
 

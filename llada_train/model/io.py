@@ -18,6 +18,16 @@ Contract:
   differs from the trained one), else the trained one, else the default.
 - Under ZeRO-3, loading and exporting take a `gather` function and make one decoder layer whole
   at a time, so no rank ever holds the whole model for them.
+- An export loads where a release loads (`save_pretrained(source_dir=...)`): it carries from the
+  directory it was fine-tuned from (a release, or an export of ours) the remote code (every
+  `*.py`: the files config.json's `auto_map` names), `generation_config.json`, licence files,
+  and, where the export lacks them, tokenizer and chat-template files. Its `auto_map` never
+  names a missing file: when the source had no such code (a model trained from scratch, or no
+  source), llada_train's own pair (`model/hf_remote/`: a transformers-only config class and a
+  model class wrapping llada_train) is shipped under the official file and class names.
+  `generation_config.json` is the source's, plus the ids (eos, pad, mask) and the decode
+  settings the caller passes (`generation`: block_length, threshold, ...); the model card
+  (README.md) is `model/card.py`'s.
 """
 
 from __future__ import annotations
@@ -34,10 +44,19 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from llada_train.model.config import LLaDA2MoeConfig
+from llada_train.model.config import OFFICIAL_DEFAULTS, LLaDA2MoeConfig
 from llada_train.model.modeling import LLaDA2MoeModelLM
 
 TRAINING_FACTS = "llada_train.json"
+GENERATION_CONFIG = "generation_config.json"
+REMOTE_CODE_DIR = os.path.join(os.path.dirname(__file__), "hf_remote")  # our auto_map pair
+REMOTE_CODE_FILES = ("configuration_llada2_moe.py", "modeling_llada2_moe.py")
+TOKENIZER_FILES = (
+    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
+    "tokenizer.model", "vocab.json", "vocab.txt", "merges.txt",
+)  # fmt: skip
+CHAT_TEMPLATE_FILES = ("chat_template.jinja", "chat_template.json")
+LICENSE_PREFIXES = ("LICENSE", "LICENCE", "NOTICE", "USE_POLICY")
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
 _STACKED = re.compile(r"^(model\.layers\.\d+\.mlp\.experts)\.(gate_up_proj|down_proj)$")
@@ -150,14 +169,21 @@ def save_pretrained(
     extra_files: dict[str, str] | None = None,
     tokenizer=None,
     state: Iterable[tuple[str, torch.Tensor]] | None = None,
+    source_dir: str | None = None,
+    generation: dict[str, Any] | None = None,
 ) -> str:
-    """Write config.json + safetensors shards + index to out_dir atomically; returns out_dir.
+    """Write config.json + safetensors shards + index + remote code + generation_config.json
+    to out_dir atomically; returns out_dir.
 
     dtype: cast floating weights on the way out (e.g. torch.bfloat16); expert_bias stays fp32.
     extra_files: {filename: source path} copied in as well (a README, training args).
     tokenizer: an HF tokenizer saved beside the weights, so the directory is self-contained.
     state: the (official name, tensor) pairs to write, default `official_state_dict(model)`
       (ZeRO-3 passes the layer-by-layer gathering iterator).
+    source_dir: the model directory the weights were fine-tuned from (init_from): its remote
+      code, generation config, licence and missing tokenizer files come along (module
+      docstring). None: a model trained from scratch; llada_train's remote code is shipped.
+    generation: fields written into generation_config.json over the source's (decode settings).
     """
     out_dir = os.path.abspath(os.fspath(out_dir))
     tmp = out_dir + ".tmp-save"
@@ -195,18 +221,98 @@ def save_pretrained(
         total = sum(sum(names.values()) for names in written)
         with open(os.path.join(tmp, INDEX_FILE), "w") as f:
             json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
-    config = model.config
+    config = model.config.to_dict()
     if dtype is not None:
-        config = LLaDA2MoeConfig.from_dict(
-            {**config.to_dict(), "torch_dtype": str(dtype).removeprefix("torch.")}
-        )
-    config.to_json(os.path.join(tmp, "config.json"))
+        config["torch_dtype"] = str(dtype).removeprefix("torch.")
     for fname, src in (extra_files or {}).items():
         shutil.copy(src, os.path.join(tmp, fname))
     if tokenizer is not None:
         tokenizer.save_pretrained(tmp)
+    if source_dir:
+        carry_source_files(source_dir, tmp)
+    config["auto_map"] = complete_remote_code(tmp, config.get("auto_map"))
+    with open(os.path.join(tmp, "config.json"), "w") as f:
+        json.dump(config, f, indent=2)
+        f.write("\n")
+    ids = {"bos_token_id": getattr(tokenizer, "bos_token_id", None)}
+    ids |= {k: config.get(k) for k in ("eos_token_id", "pad_token_id", "mask_token_id")}
+    write_generation_config(tmp, {k: v for k, v in ids.items() if v is not None}, generation)
     _atomic_replace_dir(tmp, out_dir)
     return out_dir
+
+
+def carry_source_files(source_dir: str, out_dir: str) -> list[str]:
+    """Copy from the model directory `source_dir` into the export `out_dir` what the export
+    needs to load as the source loads: every top-level `*.py` (remote code), the generation
+    config, licence files, and the tokenizer / chat-template files that `out_dir` lacks (all of
+    them when it holds no tokenizer; the chat template when its tokenizer has none). Returns
+    the names copied."""
+    names = sorted(os.listdir(source_dir))
+    has = set(os.listdir(out_dir))
+    wanted = [n for n in names if n.endswith(".py") or n.startswith(LICENSE_PREFIXES)]
+    wanted += [GENERATION_CONFIG] if GENERATION_CONFIG in names else []
+    if not has & {"tokenizer.json", "tokenizer_config.json"}:  # no tokenizer saved: the source's
+        wanted += [n for n in names if n in TOKENIZER_FILES + CHAT_TEMPLATE_FILES]
+    elif not has & set(CHAT_TEMPLATE_FILES) and not _tokenizer_has_template(out_dir):
+        wanted += [n for n in names if n in CHAT_TEMPLATE_FILES]
+    copied = []
+    for name in wanted:
+        src = os.path.join(source_dir, name)
+        if os.path.isfile(src):
+            shutil.copy(src, os.path.join(out_dir, name))
+            copied.append(name)
+    return copied
+
+
+def _tokenizer_has_template(model_dir: str) -> bool:
+    try:
+        with open(os.path.join(model_dir, "tokenizer_config.json")) as f:
+            return bool(json.load(f).get("chat_template"))
+    except (OSError, ValueError):
+        return False
+
+
+def _auto_map_modules(auto_map: dict[str, Any]) -> set[str]:
+    """The module files ("modeling_x" of "modeling_x.Class") an auto_map names locally; a
+    reference into another repository ("org/repo--modeling_x.Class") needs no local file."""
+    refs = []
+    for value in auto_map.values():
+        refs += value if isinstance(value, (list, tuple)) else [value]
+    return {r.rsplit(".", 1)[0] for r in refs if isinstance(r, str) and "--" not in r}
+
+
+def complete_remote_code(model_dir: str, auto_map: dict[str, Any] | None) -> dict[str, Any]:
+    """The auto_map to write into `model_dir`'s config.json: `auto_map` itself when every module
+    it names is a file in `model_dir` (e.g. copied from the source), else the official one,
+    with llada_train's own pair (`REMOTE_CODE_FILES`) copied in under those names."""
+    if auto_map and all(
+        os.path.isfile(os.path.join(model_dir, m + ".py")) for m in _auto_map_modules(auto_map)
+    ):
+        return auto_map
+    for name in REMOTE_CODE_FILES:
+        shutil.copy(os.path.join(REMOTE_CODE_DIR, name), os.path.join(model_dir, name))
+    return dict(OFFICIAL_DEFAULTS["auto_map"])
+
+
+def write_generation_config(
+    model_dir: str, ids: dict[str, int], generation: dict[str, Any] | None
+) -> None:
+    """generation_config.json of `model_dir`: the special `ids` (bos/eos/pad/mask), then the
+    file already there (the source's), then `generation` (decode settings), later ones winning.
+    Decoding is greedy unless the caller says otherwise (`do_sample: false`, no temperature:
+    transformers rejects a temperature without sampling)."""
+    path = os.path.join(model_dir, GENERATION_CONFIG)
+    found: dict[str, Any] = {}
+    if os.path.exists(path):
+        try:
+            with open(path) as f:
+                found = json.load(f)
+        except (OSError, ValueError):
+            found = {}  # an unreadable source file is replaced, not carried
+    merged = {**ids, "do_sample": False, **found, **(generation or {})}
+    with open(path, "w") as f:
+        json.dump(merged, f, indent=2)
+        f.write("\n")
 
 
 def save_training_facts(model_dir: str, facts: dict[str, Any]) -> None:
