@@ -587,32 +587,46 @@ def test_humaneval_helper_records_score_in_humaneval_form(record):
 
 
 @pytest.mark.parametrize("record", HUMANEVAL_HELPER_RECORDS, ids=HELPER_IDS)
-def test_helpers_only_the_candidate_defines_are_called_in_the_candidate(record):
-    """Our form with a prose prompt: no trusted code defines the helper, so the tests' calls of
-    it go to the candidate's own helper, across the same plain-data boundary as the entry
-    point. The canonical solution scores 1, a wrong one 0 with the reason."""
-    ours = _ours(record, prompt=f"Write `{record['entry_point']}` and the helper it uses.")
+def test_helpers_the_record_declares_are_called_in_the_candidate(record):
+    """Our form with a prose prompt and the helper listed in "helpers": no trusted code defines
+    it, so the tests' calls of it go to the candidate's own helper, across the same plain-data
+    boundary as the entry point. The canonical solution scores 1, a wrong one 0 with the reason.
+    Without the "helpers" list the record is refused at loading (what would answer the call?)."""
+    prose = f"Write `{record['entry_point']}` and the helper it uses."
+    helper = {"HumanEval/32": "poly", "HumanEval/38": "encode_cyclic"}.get(
+        record["task_id"], "encode_shift"
+    )
+    ours = {**_ours(record, prompt=prose), "helpers": [helper]}
     right = f"```python\n{record['prompt']}{record['canonical_solution']}```"
     wrong = f"```python\n{record['prompt']}{record['wrong_solution']}```"
     assert code_reward(right, ours) == 1.0
     result = score("code", wrong, ours)
     assert result.value == 0.0 and result.reason.startswith("tests failed: AssertionError")
+    undeclared = _ours(record, prompt=prose)
+    with pytest.raises(ValueError, match=f"the tests call {helper}"):
+        rewards.check_code_record(undeclared)
+    assert code_reward(right, undeclared) == 0.0  # and scored anyway: a NameError, never 1
 
 
 def test_a_helper_the_prompt_defines_is_the_trusted_one():
-    """HumanEval/38 with identity encode and decode: where only the candidate defines
-    `encode_cyclic` the tests trust its answers as they would the entry point's (the record
-    asks for both functions, so both are its answer); where the record's prompt defines it,
-    the tests use that trusted copy, run in their own process, and the forgery scores 0."""
+    """HumanEval/38 with identity encode and decode: a helper the record declares is trusted as
+    far as the tests trust it, like the entry point (the record asks for both functions); one
+    the record does not declare is never the candidate's, so the forgery scores 0; where the
+    record's prompt defines it (in any fenced block), the tests use that trusted copy."""
     record = HUMANEVAL_HELPER_RECORDS[1]
     forged = (
         "```python\ndef encode_cyclic(s):\n    return s\n\n\n"
         "def decode_cyclic(s):\n    return s\n```"
     )
     prose = _ours(record, prompt="Write encode_cyclic and its inverse decode_cyclic.")
-    assert code_reward(forged, prose) == 1.0  # the tests check only the round trip
+    assert code_reward(forged, {**prose, "helpers": ["encode_cyclic"]}) == 1.0  # declared
+    assert code_reward(forged, prose) == 0.0  # undeclared: NameError, not the candidate's
     in_a_block = _ours(record, prompt=f"Complete this:\n```python\n{record['prompt']}```\n")
     assert code_reward(forged, in_a_block) == 0.0
+    two_blocks = _ours(
+        record, prompt=f"```python\n{record['prompt']}```\nthen\n```python\nx = 1\n```"
+    )
+    assert code_reward(forged, two_blocks) == 0.0  # an earlier block's reference is trusted
     assert code_reward(forged, _ours(record)) == 0.0  # the prompt is the code itself
 
 

@@ -508,10 +508,13 @@ CODEC_TESTS = "assert decode(encode('abc')) == 'abc'\nassert encode('ab') == 'ba
 
 
 def test_tests_call_a_helper_of_the_candidate():
-    result = run_python(CODEC, tests=CODEC_TESTS, entry_point="decode")
+    result = run_python(CODEC, tests=CODEC_TESTS, entry_point="decode", helpers=["encode"])
     assert (result.passed, result.status, result.reason) == (True, "ok", None), result.stderr
+    # not declared by the record: never the candidate's, the tests meet a NameError
+    result = run_python(CODEC, tests=CODEC_TESTS, entry_point="decode")
+    assert not result.passed and "NameError" in result.reason, result.reason
     wrong = CODEC.replace("+ '!'", "+ '?'")
-    result = run_python(wrong, tests=CODEC_TESTS, entry_point="decode")
+    result = run_python(wrong, tests=CODEC_TESTS, entry_point="decode", helpers=["encode"])
     assert (result.passed, result.status) == (False, "failed")
     assert (
         result.reason
@@ -531,7 +534,7 @@ def test_tests_call_a_helper_of_the_candidate():
 def test_a_helper_crosses_the_same_boundary_as_the_entry_point(helper):
     code = "def decode(s):\n    return 'abc'\n" + helper
     tests = "assert encode('abc') == 'cba!'\nassert decode('x') == 'abc'\n"
-    result = run_python(code, tests=tests, entry_point="decode")
+    result = run_python(code, tests=tests, entry_point="decode", helpers=["encode"])
     assert (result.passed, result.status) == (False, "error"), result
     assert "cannot cross the sandbox boundary" in result.reason
 
@@ -552,9 +555,10 @@ def test_a_helper_never_replaces_a_trusted_name():
         (reference, "assert f([2, 1]) == reference([2, 1])"),
         (None, "def expected(xs):\n    return [1, 2]\nassert f([2, 1]) == expected([2, 1])"),
     ]:
-        result = run_python(code, tests=tests, entry_point="f", setup=setup)
+        declared = ["sorted", "reference", "expected"]  # even declared, never over trusted ones
+        result = run_python(code, tests=tests, entry_point="f", setup=setup, helpers=declared)
         assert (result.passed, result.status) == (False, "failed"), (tests, result)
-        result = run_python(right, tests=tests, entry_point="f", setup=setup)
+        result = run_python(right, tests=tests, entry_point="f", setup=setup, helpers=declared)
         assert result.passed, (tests, result.reason)
 
 

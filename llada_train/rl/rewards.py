@@ -499,8 +499,26 @@ def trusted_definitions(source: str, entry_point: str) -> str | None:
 
 
 def _prompt_code(prompt: str) -> str:
-    """The code of a record's prompt: its last fenced code block if it has one, else itself."""
-    return extract_code(prompt) if _FENCED.search(prompt) else prompt
+    """The code of a record's prompt: all its fenced code blocks, in order, if it has any,
+    else the prompt itself (a reference helper in an earlier block is trusted code too)."""
+    blocks = [m.group(2) for m in _FENCED.finditer(prompt)]
+    return "\n".join(blocks) if blocks else prompt
+
+
+def declared_helpers(example: dict) -> list[str]:
+    """The names a code record lets the candidate supply besides its entry point: the stubs of
+    its prompt's code (signatures for the candidate to write) and its optional "helpers" list.
+    Any other name the tests call must come from trusted code (the prompt's definitions)."""
+    names = set(example.get("helpers") or ())
+    try:
+        tree = ast.parse(_prompt_code(example.get("prompt") or ""))
+    except (SyntaxError, ValueError):
+        tree = None
+    for node in tree.body if tree is not None else ():
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and _is_stub(node):
+            names.add(node.name)
+    names.discard(example.get("entry_point"))
+    return sorted(names)
 
 
 def code_program(completion: str, example: dict) -> dict[str, str | None]:
@@ -511,10 +529,11 @@ def code_program(completion: str, example: dict) -> dict[str, str | None]:
     "entry_point", "test" (defines `check(candidate)`)}: code = the prompt followed by the
     extracted code when that defines the entry point (a whole function written in a chat), else
     by the completion (a continuation of the prompt); tests = `test` + `check(entry_point)`.
-    Both: setup = `trusted_definitions` of the prompt's code (its last fenced block, or the
+    Both: setup = `trusted_definitions` of the prompt's code (all its fenced blocks, or the
     prompt itself), so that helpers the prompt defines (HumanEval/32's `poly`) are there for
-    the tests as trusted code, run in the harness; a helper the tests call that only the
-    candidate's code defines is called in the candidate (see `llada_train.rl.sandbox`). Raises
+    the tests as trusted code, run in the harness; helpers = `declared_helpers` (the prompt's
+    stubs and the record's "helpers" list): only those are called in the candidate when the
+    tests name them and no trusted code defines them (see `llada_train.rl.sandbox`). Raises
     ValueError for a record with neither "tests" nor "test", KeyError without "entry_point"
     (`check_record` refuses both when data is loaded).
     """
@@ -523,14 +542,17 @@ def code_program(completion: str, example: dict) -> dict[str, str | None]:
     prompt = example.get("prompt") or ""
     if "tests" in example:
         setup = trusted_definitions(_prompt_code(prompt), entry_point)
-        return {"code": code, "tests": example["tests"], "entry_point": entry_point, "setup": setup}
+        return {"code": code, "tests": example["tests"], "entry_point": entry_point,
+                "setup": setup, "helpers": declared_helpers(example)}  # fmt: skip
     if "test" not in example:
         raise ValueError(f"code record without 'tests' or 'test': keys {sorted(example)}")
     defines = re.search(rf"^\s*def\s+{re.escape(entry_point)}\s*\(", code, re.MULTILINE)
     code = prompt + "\n" + code if defines else prompt + completion
     tests = f"{example['test']}\n\ncheck({entry_point})\n"
     setup = trusted_definitions(prompt, entry_point)  # HumanEval's prompt is a whole stub
-    return {"code": code, "tests": tests, "entry_point": entry_point, "setup": setup}
+    helpers = declared_helpers({**example, "prompt": prompt})
+    return {"code": code, "tests": tests, "entry_point": entry_point, "setup": setup,
+            "helpers": helpers}  # fmt: skip
 
 
 def code_verdict(completion: str, example: dict) -> tuple[float, str | None]:
@@ -546,6 +568,7 @@ def code_verdict(completion: str, example: dict) -> tuple[float, str | None]:
         tests=job["tests"],
         entry_point=job["entry_point"],
         setup=job["setup"],
+        helpers=job["helpers"],
         timeout_s=float(example.get("timeout_s", CODE_TIMEOUT_S)),
     )
     if result.status == "sandbox_error":  # our failure, not the model's: count it as an error
@@ -563,7 +586,8 @@ def code_reward(completion: str, example: dict) -> float:
 
 def check_code_record(example: dict) -> None:
     """Raise ValueError, saying what to change, for a code record that cannot be scored: no
-    "entry_point" (a function name), no "tests" or "test", or tests that do not compile."""
+    "entry_point" (a function name), no "tests" or "test", tests that do not compile, or tests
+    that call a name neither trusted code defines nor the record declares the candidate's."""
     entry_point = example.get("entry_point")
     if not isinstance(entry_point, str) or not entry_point.isidentifier():
         raise ValueError(
@@ -583,6 +607,42 @@ def check_code_record(example: dict) -> None:
         compile(tests, "<tests>", "exec")
     except (SyntaxError, ValueError) as e:
         raise ValueError(f"the record's tests do not compile: {e}") from None
+    # Every name the tests expect from elsewhere must come from trusted code (the built-ins,
+    # the prompt's definitions), be the entry point, or be declared the candidate's to write
+    # (`declared_helpers`): otherwise any answer would meet a NameError, or a candidate could
+    # stand in for a reference the tests rely on.
+    import builtins
+
+    from llada_train.rl.sandbox_child import global_reads
+
+    job = code_program("", example)
+    trusted: set[str] = set(dir(builtins)) | {entry_point, *job["helpers"]}
+    if job["setup"]:
+        trusted |= _module_bindings(job["setup"])
+    missing = sorted(global_reads(job["tests"]) - trusted)
+    if missing:
+        raise ValueError(
+            f"the tests call {', '.join(missing)}, which no trusted code of the record defines: "
+            "define it in the prompt's code (a reference the tests rely on) or, if the candidate "
+            "is to write it next to the entry point, list it in 'helpers' or give its stub in "
+            "the prompt"
+        )
+
+
+def _module_bindings(source: str) -> set[str]:
+    """Names `source` binds at module level (def, class, import, assignment)."""
+    tree = ast.parse(source)
+    names: set[str] = set()
+    for node in tree.body:
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+            names.add(node.name)
+        elif isinstance(node, (ast.Import, ast.ImportFrom)):
+            names |= {(a.asname or a.name).split(".")[0] for a in node.names}
+        elif isinstance(node, (ast.Assign, ast.AnnAssign, ast.AugAssign)):
+            targets = node.targets if isinstance(node, ast.Assign) else [node.target]
+            for t in targets:
+                names |= {n.id for n in ast.walk(t) if isinstance(n, ast.Name)}
+    return names
 
 
 # ---------------------------------------------------------------------------------------------

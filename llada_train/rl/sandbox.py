@@ -35,8 +35,9 @@ What the candidate can do is answer calls, crash, hang or exhaust its budgets: e
 in-place mutation of an argument is not seen by the tests) of `entry_point` and of helpers: the
 candidate's other top-level functions that the tests call and no trusted code defines (e.g.
 HumanEval/38's `encode_cyclic` where the candidate's code is the only one to define it; see
-`sandbox_child.py`). A helper is bound only where the tests would otherwise meet a NameError, so
-it never replaces a built-in, a name of `setup` or one the tests define; what a helper answers
+`sandbox_child.py`). A helper is bound only where the record declares it (a stub of its prompt
+or its "helpers" list) and the tests would otherwise meet a NameError, so it never replaces a
+built-in, a name of `setup` or one the tests define; what a helper answers
 is trusted as far as the tests trust it, like the entry point's answers (put a helper the tests
 use as a reference, such as HumanEval/32's `poly`, in `setup` instead). `setup` is trusted code
 run in the harness before the tests (e.g. a HumanEval prompt's helper functions).
@@ -501,6 +502,7 @@ def run_python(
     tests: str | None = None,
     entry_point: str | None = None,
     setup: str | None = None,
+    helpers: list[str] | tuple[str, ...] = (),
     timeout_s: float = 5.0,
     cpu_s: float | None = None,
     memory_mb: int = 512,
@@ -517,9 +519,12 @@ def run_python(
     never raises.
 
     tests: trusted source run in the harness, `entry_point` bound to the candidate's function
-    (and any other function of the candidate the tests call that no trusted code defines, see
-    the module docstring); None: `passed` means `code` ran to its end. setup: trusted source run
-    in the harness first.
+    (and each name of `helpers` that the tests call, no trusted code defines and the candidate
+    defines, see the module docstring); None: `passed` means `code` ran to its end. setup:
+    trusted source run in the harness first. helpers: the names the record lets the candidate
+    supply besides the entry point (the stubs of its prompt, its "helpers" list); any other
+    name the tests read stays a NameError, so a candidate can never stand in for a reference
+    function the tests rely on.
     timeout_s: wall clock; cpu_s: CPU seconds per process (default: timeout_s, rounded up);
     memory_mb: all the run's processes together (the cgroup or the watcher), and the address
     space of each; max_processes: processes and threads of the candidate, all together;
@@ -556,7 +561,10 @@ def run_python(
             if uids:  # lets the code reopen them, e.g. as /dev/stdout
                 for f in (stdout, stderr):
                     os.fchown(f.fileno(), uids[0], uids[0])
-            job = {"code": code, "tests": tests, "entry_point": entry_point, "setup": setup}
+            job = {
+                "code": code, "tests": tests, "entry_point": entry_point, "setup": setup,
+                "helpers": sorted(helpers),
+            }  # fmt: skip
             stdin.write(json.dumps(job).encode("utf-8", "surrogatepass"))
             stdin.seek(0)
             config = {

@@ -641,7 +641,8 @@ def _harness(cfg: dict, job: dict, channel: Channel, candidate_pid: int) -> dict
             import builtins
 
             wanted = global_reads(job["tests"]) - set(namespace) - set(dir(builtins))
-            for name in sorted(wanted & callables):
+            declared = set(job.get("helpers") or ())  # the record's, never the candidate's
+            for name in sorted(wanted & callables & declared):
                 if not name.startswith("__"):
                     namespace[name] = Candidate(channel, name)  # a helper the tests name
             exec(compile(job["tests"], "<tests>", "exec"), namespace)
