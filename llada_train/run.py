@@ -77,6 +77,7 @@ from llada_train.eval.watch import start_background
 from llada_train.lock import RUN_LOCK, DirLock, in_use_message, try_lock_dir
 from llada_train.lora import apply_lora, merged_official_state
 from llada_train.model.build import build_model, resolve_model_config
+from llada_train.model.card import remember_hydra_record
 from llada_train.model.config import LLaDA2MoeConfig
 from llada_train.model.io import check_checkpoint, load_training_facts
 from llada_train.model.modeling import LLaDA2MoeModelLM
@@ -472,6 +473,7 @@ def open_run(cfg: DictConfig, job_type: str, batch: dict[str, Any]) -> Run:
         raise ValueError("tokenizer=null needs init_from=DIR holding the tokenizer files")
     info = init_distributed()
     check_run_lock(refusal, info)  # before this run writes anything into run_dir
+    remember_hydra_record(run_dir)  # the cards' record, before a refused run can rewrite it
     model_config = resolve_model_config(cfg.init_from, cfg.get("model"), tokenizer)
     if cfg.init_from:
         check_checkpoint(cfg.init_from, model_config)  # whole shards, names and shapes

@@ -58,14 +58,13 @@ def encode(tok, ids, chats, layout: str, length: int | None):
         resp = encode_text(tok, a) + [ids.eos_id]
         seqs.append(prompt + resp)
         masks.append([False] * len(prompt) + [True] * len(resp))
-    if layout == "chat":
-        length = length or 32
-    else:
-        # plain: pad every row to the longest row + 1 (the framework pads to a 32-token block)
-        length = length or max(len(s) for s in seqs) + 1
+    if length is None or length == 0:  # the layout's own: chat 32 (one block), plain tight
+        length = 32 if layout == "chat" else -1
+    if length < 0:  # every row padded to the longest row + 1
+        length = max(len(s) for s in seqs) + 1
     x0 = torch.full((len(seqs), length), ids.eos_id, dtype=torch.long)
     maskable = torch.zeros(len(seqs), length, dtype=torch.bool)
-    for i, (s, m) in enumerate(zip(seqs, masks)):
+    for i, (s, m) in enumerate(zip(seqs, masks, strict=True)):
         x0[i, : len(s)] = torch.tensor(s)
         maskable[i, : len(s)] = torch.tensor(m)
         maskable[i, len(s) :] = True  # EOS padding is maskable and supervised
@@ -121,7 +120,8 @@ def llada_model(vocab: int, dense: bool, seed: int, width: int = 256):
 
 
 def corrupt(x0, maskable, g, args, mask_id, vocab, special):
-    """(xt, supervised): mask with t ~ U[t_min, t_max] (at least one masked), optional noise/keep."""
+    """(xt, supervised): mask with t ~ U[t_min, t_max] (at least one masked), then the optional
+    T2T noise and keep supervision."""
     n, length = x0.shape
     t = args.t_min + (args.t_max - args.t_min) * torch.rand(n, 1, generator=g)
     u = torch.rand(n, length, generator=g)
@@ -178,6 +178,9 @@ def main() -> None:
     p.add_argument("--layout", choices=("plain", "chat"), default="plain")
     p.add_argument("--model", choices=("plain", "llada"), default="plain")
     p.add_argument("--dense", action="store_true")
+    p.add_argument("--length", type=int, default=0,
+                   help="padded length: 0 = the layout's own (chat 32, plain the longest row "
+                   "+ 1), -1 = the longest row + 1, N = N tokens")  # fmt: skip
     p.add_argument("--width", type=int, default=256)
     p.add_argument("--layers", type=int, default=4)
     p.add_argument("--steps", type=int, default=1500)
@@ -202,7 +205,7 @@ def main() -> None:
     vocab = len(tok)
     train = read_chats("data/shipped/sft_train.jsonl")
     held = read_chats("data/shipped/sft_eval.jsonl")
-    x0, maskable, length = encode(tok, ids, train, args.layout, None)
+    x0, maskable, length = encode(tok, ids, train, args.layout, args.length)
     hx0, hmask, _ = encode(tok, ids, held, args.layout, length)
     if args.model == "llada":
         model = llada_model(vocab, args.dense, args.seed, args.width)

@@ -129,6 +129,8 @@ def summarize(out: str, goal: float) -> dict:
     runs_dir = os.path.join(out, "runs")
     variants = {}
     for name in sorted(os.listdir(runs_dir)) if os.path.isdir(runs_dir) else []:
+        if not os.path.isdir(os.path.join(runs_dir, name)):
+            continue  # the variants' .log files and wall_s.json
         rows = read_metrics(os.path.join(runs_dir, name, "sft"))
         checks = [(m["step"], m["heldout/exact_match"]) for m in rows if "heldout/exact_match" in m]
         losses = [(m["step"], m["loss/total"]) for m in rows if "loss/total" in m]

@@ -302,7 +302,9 @@ def test_init_jitter_is_a_rounding_sized_seeded_perturbation():
     jit = build_model(tiny_config(), ds, init_from=None, seed=0, is_main=True, init_jitter=1e-6)
     again = build_model(tiny_config(), ds, init_from=None, seed=0, is_main=True, init_jitter=1e-6)
     changed = 0
-    for (name, p), q, r in zip(base.named_parameters(), jit.parameters(), again.parameters()):
+    for (name, p), q, r in zip(
+        base.named_parameters(), jit.parameters(), again.parameters(), strict=True
+    ):
         assert torch.equal(q, r), name  # seeded: the same jitter every time
         rel = ((q - p).abs() / p.abs().clamp_min(1e-30)).max()
         assert rel < 1e-5, name  # 1e-6 N(0, 1): a few 1e-6 at most

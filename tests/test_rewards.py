@@ -157,6 +157,13 @@ MATH_CASES = [
     ("\\boxed{5 x}", "5", 0.0, "a bare letter may be a variable: 5x is not 5"),
     ("\\boxed{5 hundred}", "5", 0.0, "a word that changes the value is no unit"),
     ("\\boxed{5 or more}", "5", 0.0, "nor is a hedge"),
+    # words after the number that change or qualify it are not a unit, and math-verify's reading
+    # of the first number alone is not taken either (review of issue 29)
+    ("\\boxed{2 point five}", "2", 0.0, "a spelled-out decimal is not 2"),
+    ("#### 5 feet six inches", "5", 0.0, "a second quantity follows"),
+    ("#### 5 below zero", "5", 0.0, "'below zero' negates"),
+    ("\\boxed{5 ten}", "5", 0.0, "a number word follows"),
+    ("\\boxed{50 percent}", "50", 1.0, "as 50%: GSM8K writes percentages as the number"),
     ("\\boxed{1,234,567}", "1234567", 1.0, "thousands separators, several"),
     ("\\boxed{1,235}", "1234", 0.0, "the separator goes, the digits still have to be right"),
     ("#### 1,235", "1234", 0.0, "the same in GSM8K form"),

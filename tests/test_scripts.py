@@ -189,7 +189,10 @@ def test_robustness_summary_first_step_end_and_loss_differences(tmp_path):
         rows = [{"step": i + 1, "loss/total": v} for i, v in enumerate(losses)]
         rows += [{"step": s, "heldout/exact_match": em} for s, em in checks]
         (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (tmp_path / "runs" / "seed0_none.log").write_text("log")
+    (tmp_path / "runs" / "wall_s.json").write_text("{}")
     variants = robustness.summarize(str(tmp_path), goal=0.9)
+    assert sorted(variants) == ["seed0_none", "seed0_split"]  # logs and wall times are no runs
     assert variants["seed0_none"]["first_step_at_goal"] == 200
     assert variants["seed0_split"]["first_step_at_goal"] == 300
     assert variants["seed0_split"]["end"] == 0.95

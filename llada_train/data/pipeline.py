@@ -323,7 +323,8 @@ def choose_packing(
     chats are cheaper alone (one block needs no clean copy, SPEC section 2), long-tailed lengths
     are cheaper packed (no micro-batch padding to the longest chat). With dense SDPA attention
     (the CPU default) the per-batch document mask and the longer rows cost more than packing
-    saves (measured: `scripts/bench_packing.py`, docs/finetune.md "Packing"), so auto does not pack there. Note that
+    saves (measured: `scripts/bench_packing.py`, docs/finetune.md "Packing"), so auto does
+    not pack there. Note that
     `global_batch_size` then counts packed sequences. Raises ValueError for an unknown mode.
     """
     if mode not in PACK:

@@ -75,7 +75,7 @@ def run(cfg: DictConfig) -> dict[str, Any] | list[dict[str, Any]]:
             raise ValueError("out= is for model_dir= runs; watch= writes next to each checkpoint")
 
         run_dir = os.path.abspath(cfg.watch)
-        lock_watcher(run_dir)  # before the tracker writes: one watcher per run (watch.py)
+        held = lock_watcher(run_dir)  # before the tracker writes: one watcher per run (watch.py)
         tracker = make_tracker(
             cfg,
             cfg.tracking_dir or os.path.join(run_dir, "eval"),
@@ -94,6 +94,7 @@ def run(cfg: DictConfig) -> dict[str, Any] | list[dict[str, Any]]:
         finally:
             if tracker is not None:
                 tracker.finish()
+            held.release()  # `watch` took and released its own hold of the same lock
         if stopped.is_set():
             sys.exit(128 + signal.SIGTERM)
         failed = [r for r in records if r["status"] == "failed"]

@@ -80,8 +80,12 @@ def lock_watcher(run_dir: str) -> DirLock:
     return lock_dir(watcher_lock_dir(run_dir), WATCH_LOCK, WATCH_ADVICE)
 
 
-def _wait_for_watcher_lock(run_dir: str, stop: threading.Event, poll_s: float) -> DirLock | None:
-    """The watcher lock of `run_dir` once its holder has ended; None if `stop` is set first."""
+def _wait_for_watcher_lock(
+    run_dir: str, stop: threading.Event, poll_s: float, exit_with_pid: int | None = None
+) -> DirLock | None:
+    """The watcher lock of `run_dir` once its holder has ended; None if `stop` is set first or
+    the training process `exit_with_pid` has ended meanwhile (the holder evaluates what that
+    run left; a background watcher must not outlive its run waiting for a manual one)."""
     folder = watcher_lock_dir(run_dir)
     lock = try_lock_dir(folder, WATCH_LOCK)
     if lock is None:
@@ -89,6 +93,8 @@ def _wait_for_watcher_lock(run_dir: str, stop: threading.Event, poll_s: float) -
             "waiting: %s", in_use_message(folder, WATCH_LOCK, "this watcher starts when it ends")
         )
     while lock is None and not stop.wait(min(poll_s, 5.0)):
+        if exit_with_pid is not None and not _is_alive(exit_with_pid):
+            return None
         lock = try_lock_dir(folder, WATCH_LOCK)
     return lock
 
@@ -125,7 +131,7 @@ def watch(
     if exit_with_pid is None:
         lock = lock_watcher(run_dir)
     else:  # a background watcher: after the one before it
-        lock = _wait_for_watcher_lock(run_dir, stop, poll_s)
+        lock = _wait_for_watcher_lock(run_dir, stop, poll_s, exit_with_pid)
         if lock is None:
             return records
     logger.info("watching %s (every %.0f s)", checkpoints_root(run_dir), poll_s)

@@ -108,9 +108,23 @@ def describe_run(run_dir: str, facts: dict[str, Any] | None, step: int) -> Expor
     return info
 
 
+_REMEMBERED: dict[str, tuple[dict | None, dict, list[str]]] = {}  # run dir -> its record
+
+
+def remember_hydra_record(run_dir: str) -> None:
+    """Read the run's Hydra record now and keep it for every later card of this process. Called
+    by `run.open_run` as soon as the run holds its output-dir lock: a second run refused on the
+    same dir still rewrites `.hydra/` before it is refused (Hydra writes it before the task),
+    and the live run's cards must not take that run's init_from, data or recipe."""
+    _REMEMBERED[os.path.abspath(run_dir)] = _hydra_record(run_dir)
+
+
 def _hydra_record(run_dir: str) -> tuple[dict | None, dict, list[str]]:
     """(resolved config, group choices, command-line overrides) of the run, from Hydra's record
-    in `run_dir` (or in the output dir of the Hydra job of this process); (None, {}, [])."""
+    in `run_dir` (or in the output dir of the Hydra job of this process); (None, {}, []).
+    A record kept by `remember_hydra_record` comes first."""
+    if os.path.abspath(run_dir) in _REMEMBERED:
+        return _REMEMBERED[os.path.abspath(run_dir)]
     dirs = [os.path.join(run_dir, ".hydra")]
     try:
         from hydra.core.hydra_config import HydraConfig

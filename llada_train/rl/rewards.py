@@ -186,8 +186,11 @@ _VALUE_WORDS = frozenset(
     "dozen dozens half halves third thirds quarter quarters fourth fourths fifth fifths sixth "
     "sixths seventh sevenths eighth eighths ninth ninths tenth tenths hundredth hundredths "
     "thousandth thousandths squared cubed times plus minus over divided pi sqrt root roots "
-    "power or".split()
-)
+    "power or and point dot comma below above under less more than negative minus not no "
+    "approximately about around nearly almost roughly exactly least most zero one two three "
+    "four five six seven eight nine ten eleven twelve thirteen fourteen fifteen sixteen "
+    "seventeen eighteen nineteen twenty thirty forty fifty sixty seventy eighty ninety".split()
+)  # words that change or qualify the value: the number then is not the answer alone
 
 
 def _is_unit_word(word: str, is_short_ok: bool = False) -> bool:
@@ -224,6 +227,9 @@ def _is_unit_tail(tail: str) -> bool:
         previous, last_unit = kind, (last_unit if kind == "sep" else kind)
         pos = m.end()
     return True
+
+
+_NUMBER_THEN_WORDS = re.compile(r"\s*[-+]?\\?\$?\s*\d[\d,.]*\s+[A-Za-z]")
 
 
 def bare_number(answer: str) -> str | None:
@@ -268,6 +274,14 @@ def check_math_answer(completion: str, gold: str) -> bool:
     bare = bare_number(completion if marked is None else marked)
     if bare is not None and isinstance(gold_parsed[0], Number):
         text = f"${bare}$"  # a number gold: the marked number without its dress (units, $, ...)
+    elif (
+        marked is not None
+        and isinstance(gold_parsed[0], Number)
+        and _NUMBER_THEN_WORDS.match(_normalize_math(marked))
+    ):
+        # a number followed by words that are not its unit ("5 below zero", "2 point five",
+        # "5 feet six inches"): math-verify would read the first number alone
+        return False
     elif how == "none":
         text = completion  # no marked answer: math-verify's reading of the whole text
     elif how == "boxed":
