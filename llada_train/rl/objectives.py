@@ -49,7 +49,8 @@ def k3_kl(ref_log_ratio: torch.Tensor) -> torch.Tensor:
     k3 = exp(lr) - lr - 1 >= 0, 0 iff lr = 0, computed as expm1(lr) - lr: `exp(lr) - 1` in
     float32 loses every digit below 1e-7, so at lr = 1e-6 it read -6e-8 (OpenRLHF#1335). lr is
     clamped to +-LOG_RATIO_CLAMP and k3 to K3_MAX, as verl's "low_var_kl" does: a
-    sequence-level log ratio sums many tokens and exp of it overflows easily. Build lr as `sequence_log_ratio(ref_terms, policy_terms, weights)`.
+    sequence-level log ratio sums many tokens and exp of it overflows easily. Build lr as
+    `sequence_log_ratio(ref_terms, policy_terms, weights)`.
     """
     lr = ref_log_ratio.clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
     return (torch.expm1(lr) - lr).clamp(min=0.0, max=K3_MAX)  # >= 0 also after rounding
