@@ -138,6 +138,7 @@ class CorruptionConfig:
     weighting: Weighting = Weighting.none
     mtf_fraction: float = 0.0  # multi-turn forward: share of masks filled by the model's draft
     complementary: bool = False  # pair every example with its complement mask
+    pad_weight: float = 1.0  # loss weight of EOS padding after a response (losses.py)
 
 
 @dataclass

@@ -114,7 +114,7 @@ def padding_positions(x0: torch.Tensor, eos_id: int) -> torch.Tensor:
     The first EOS after a response is the answer's own end (the model must learn where to stop)
     and counts as response; every EOS after it is padding (`data.pipeline.build_sft_example`).
     In CPT text an EOS separates documents and is never preceded by another, so nothing there
-    is padding. Used only to split the metrics (`loss_metrics`), never the loss.
+    is padding. Splits the metrics (`loss_metrics`) and weighs the loss (`pad_weight`).
     """
     is_eos = x0 == eos_id  # (B, L)
     previous = torch.zeros_like(is_eos)
@@ -128,6 +128,7 @@ def diffusion_loss(
     c: Corruption,
     weighting: str = "none",
     is_pad: torch.Tensor | None = None,
+    pad_weight: float = 1.0,
 ) -> LossTerms:
     """Cross-entropy of logits (B, L, V) against x0 at the supervised positions of `c`.
 
@@ -143,8 +144,15 @@ def diffusion_loss(
     An example with t = 0 has no masked position, so 1/t is never evaluated on a term. A
     micro-batch with no supervised token returns zero sums that are still part of the graph
     (backward works and gives zero gradients, as every rank must run backward).
-    is_pad: optional bool (B, L) marking EOS padding (`padding_positions`); it only splits the
-    logged figures (pad_* sums) and leaves the loss unchanged. None: no position is padding.
+    is_pad: optional bool (B, L) marking EOS padding (`padding_positions`); it splits the
+    logged figures (pad_* sums). None: no position is padding.
+    pad_weight: loss weight of every supervised padding position (1 = the official code, every
+    position alike), on top of `weighting`. [design choice, issue 26] In a short SFT chat most
+    of a 32-token block is EOS padding: ~10 of the ~13 supervised positions of a 2-digit
+    addition chat. docs/learning.md measured that this padding, not the model or the
+    objective, made the tiny model learn several times slower; a small weight keeps the model
+    predicting EOS there (it is learnt in a few steps either way) while the answer tokens get
+    the gradient. The sums are still divided by the count of supervised tokens.
     """
     if weighting not in WEIGHTINGS:
         raise ValueError(f"loss weighting must be one of {WEIGHTINGS}, got {weighting!r}")
@@ -164,8 +172,10 @@ def diffusion_loss(
     if weighting == "inv_t":
         inv_t = 1.0 / c.t.to(ce.device, torch.float32)[idx[0]]  # (N,)
         weight = torch.where(is_m2t, inv_t, weight)
-    weighted = ce * weight  # (N,)
     pad = is_pad[idx] if is_pad is not None else torch.zeros_like(is_correct)  # (N,)
+    if pad_weight != 1.0:
+        weight = torch.where(pad, weight * pad_weight, weight)
+    weighted = ce * weight  # (N,)
 
     def part(is_part: torch.Tensor) -> LossPart:
         is_part_pad = is_part & pad

@@ -87,6 +87,8 @@ def check_config(cfg: DictConfig, task: str) -> None:
             "this recipe fine-tunes a released model: pass init_from=/path/to/checkpoint_dir "
             "(an HF-format LLaDA2.x directory with config.json, safetensors and tokenizer)"
         )
+    if cfg.corruption.pad_weight < 0:
+        raise ValueError(f"corruption.pad_weight={cfg.corruption.pad_weight} must be >= 0")
     if cfg.max_steps <= 0 or cfg.micro_batch_size <= 0 or cfg.block_length <= 0:
         raise ValueError("max_steps, micro_batch_size and block_length must be positive")
     if cfg.data.max_length % cfg.block_length:
@@ -309,10 +311,11 @@ def train(cfg: DictConfig, task: str) -> str:
         num_tokens, own_norm = 0, None
         for inputs in micro:
             logits = model_forward(engine, inputs.c.xt, inputs.x0, inputs.doc_ids, cfg.block_length)
-            is_pad = padding_positions(inputs.x0, ids.eos_id)  # splits the metrics only
+            is_pad = padding_positions(inputs.x0, ids.eos_id)  # metrics split; pad_weight
             terms = diffusion_loss(
-                logits, inputs.x0, inputs.c, cfg.corruption.weighting, is_pad=is_pad
-            )
+                logits, inputs.x0, inputs.c, cfg.corruption.weighting, is_pad=is_pad,
+                pad_weight=cfg.corruption.pad_weight,
+            )  # fmt: skip
             loss = micro_batch_loss(terms.total_sum, global_count, info.world_size, accumulation)
             if cfg.moe.aux_loss_coef > 0:
                 loss = loss + cfg.moe.aux_loss_coef * moe_aux_loss(model)

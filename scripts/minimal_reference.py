@@ -194,6 +194,8 @@ def main() -> None:
     p.add_argument("--t-max", type=float, default=1.0)
     p.add_argument("--noise", type=float, default=0.0)
     p.add_argument("--keep", type=float, default=0.0)
+    p.add_argument("--pad-weight", type=float, default=1.0,
+                   help="loss weight of the EOS padding after the response's own EOS")  # fmt: skip
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--eval-every", type=int, default=100)
     p.add_argument("--target", type=float, default=0.95)
@@ -206,6 +208,9 @@ def main() -> None:
     train = read_chats("data/shipped/sft_train.jsonl")
     held = read_chats("data/shipped/sft_eval.jsonl")
     x0, maskable, length = encode(tok, ids, train, args.layout, args.length)
+    # padding: EOS positions after the response's own EOS (the first EOS of the maskable span)
+    first_eos = torch.where(maskable & (x0 == ids.eos_id), torch.arange(length), length).min(1)
+    is_pad = torch.arange(length)[None] > first_eos.values[:, None]  # (N, L)
     hx0, hmask, _ = encode(tok, ids, held, args.layout, length)
     if args.model == "llada":
         model = llada_model(vocab, args.dense, args.seed, args.width)
@@ -224,7 +229,9 @@ def main() -> None:
         idx = torch.randint(len(x0), (args.batch,), generator=g)
         xt, sup = corrupt(x0[idx], maskable[idx], g, args, ids.mask_id, vocab, special)
         logits = model(xt)
-        loss = F.cross_entropy(logits[sup].float(), x0[idx][sup])
+        ce = F.cross_entropy(logits[sup].float(), x0[idx][sup], reduction="none")
+        w = torch.where(is_pad[idx][sup], args.pad_weight, 1.0)
+        loss = (w * ce).sum() / w.sum().clamp_min(1e-9)
         opt.zero_grad()
         loss.backward()
         if args.clip > 0:

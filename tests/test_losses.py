@@ -112,6 +112,24 @@ def test_response_and_padding_figures_hand_case() -> None:
     assert m["acc/m2t"] == 0.5  # the unsplit figure is unchanged
 
 
+def test_pad_weight_scales_padding_terms_only() -> None:
+    """pad_weight 0.1 (issue 26): padding here is ex0 pos1 (T2T, CE 2 ln2) and ex1 pos0 (M2T, CE
+    ln5): m2t = ln2 + 0.1 ln5, t2t = 0.1 * 2 ln2, keep = ln5 - ln3 unchanged; the logged CE and
+    the counts stay unweighted. With inv_t the factors multiply: ex1 pos0 weighs 0.1 / 0.25."""
+    x0, logits, c = hand_case()
+    is_pad = torch.tensor([[False, True, False], [True, False, False]])
+    terms = diffusion_loss(logits, x0, c, weighting="none", is_pad=is_pad, pad_weight=0.1)
+    assert terms.m2t.loss_sum.item() == pytest.approx(LN2 + 0.1 * LN5)
+    assert terms.t2t.loss_sum.item() == pytest.approx(0.2 * LN2)
+    assert terms.keep.loss_sum.item() == pytest.approx(LN5 - LN3)
+    assert terms.m2t.ce_sum.item() == pytest.approx(math.log(10))
+    assert terms.total_count.item() == 4
+    inv_t = diffusion_loss(logits, x0, c, weighting="inv_t", is_pad=is_pad, pad_weight=0.1)
+    assert inv_t.m2t.loss_sum.item() == pytest.approx(LN2 / 0.5 + 0.1 * LN5 / 0.25)
+    terms.total_sum.backward()
+    assert torch.allclose(logits.grad[1, 0], 0.1 * torch.tensor([0.2, 0.6, -0.8]))
+
+
 def test_padding_positions() -> None:
     """An EOS is padding only after another EOS: the answer's own EOS is response."""
     x0 = torch.tensor([[5, 0, 0, 0], [0, 0, 7, 0]])
