@@ -216,6 +216,17 @@ class HeldoutConfig:
 
 
 @dataclass
+class PlanConfig:
+    """The memory plan that `dry_run=true` prints (llada_train/memory_plan.py, docs/memory.md)."""
+
+    gpu_gb: float | None = None  # GPU memory in GB; None = the CUDA device's, else 80
+    num_gpus: int | None = None  # GPUs of the planned run; None = WORLD_SIZE of this process
+    ep_size: int = 1  # expert-parallel degree to plan for (routed experts split E ways)
+    prompt_length: int = 256  # RL: prompt tokens per rollout sequence (+ rollout.gen_length)
+    rollout_gather: str = "whole"  # RL under ZeRO-3: whole (what rl/loop.py does) | layerwise
+
+
+@dataclass
 class TrainConfig:
     model: Any = MISSING  # a conf/model node; validated by LLaDA2MoeConfig
     init_from: str | None = None  # HF-format dir (weights + tokenizer); None = fresh init
@@ -247,6 +258,7 @@ class TrainConfig:
     resume_allow_changes: bool = False  # resume although data/global batch/seed/model changed
     max_consecutive_nonfinite: int = 3  # stop after this many non-finite steps in a row (0=never)
     dry_run: bool = False  # build on the meta device, print sizes and DeepSpeed config, exit
+    plan: PlanConfig = field(default_factory=PlanConfig)  # the memory plan of dry_run
     progress: bool = True  # tqdm progress bar on rank 0
 
 
@@ -318,6 +330,7 @@ class RLConfig:
     resume_allow_changes: bool = False  # resume although data/batch/seed/model changed
     max_consecutive_nonfinite: int = 3  # stop after this many non-finite updates in a row
     progress: bool = True
+    plan: PlanConfig = field(default_factory=PlanConfig)  # memory plan (llada_train.memory_plan)
 
 
 # ---------------------------------------------------------------------------- small commands

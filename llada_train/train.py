@@ -60,6 +60,7 @@ from llada_train.losses import (
     padding_positions,
 )
 from llada_train.masks import training_inputs
+from llada_train.memory_plan import print_plan
 from llada_train.model.attention import resolve_backend
 from llada_train.model.build import resolve_model_config
 from llada_train.model.modeling import LLaDA2MoeModelLM
@@ -119,7 +120,9 @@ def check_config(cfg: DictConfig, task: str) -> None:
 
 
 def dry_run(cfg: DictConfig, task: str) -> None:
-    """Build on the meta device, print parameter counts and the DeepSpeed config, exit."""
+    """Build on the meta device, print parameter counts, the DeepSpeed config and the memory
+    plan (llada_train/memory_plan.py; `plan.num_gpus` / `plan.gpu_gb` override the world size
+    and the GPU memory), exit."""
     tokenizer = run_tokenizer(cfg)
     config = resolve_model_config(cfg.init_from, cfg.model, tokenizer)
     with torch.device("meta"):
@@ -127,7 +130,7 @@ def dry_run(cfg: DictConfig, task: str) -> None:
     counted = sum(p.numel() for p in model.parameters())
     total, active = config.num_parameters()
     assert counted == total, (counted, total)
-    world = world_size_from_env()
+    world = cfg.plan.num_gpus or world_size_from_env()
     accumulation = max(1, cfg.global_batch_size // (cfg.micro_batch_size * world))
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     ds = deepspeed_config(
@@ -154,6 +157,7 @@ def dry_run(cfg: DictConfig, task: str) -> None:
         )
     print("resolved DeepSpeed config:")
     print(json.dumps(ds, indent=2))
+    print_plan(cfg, config, task, world)
 
 
 # ---------------------------------------------------------------------------- step pieces
