@@ -427,3 +427,164 @@ def test_sort_chats_fit_two_blocks_with_long_answers(shipped):
             assert example.input_ids[prompt_length : prompt_length + 18] == answer + [ids.eos_id]
             prompt_lengths.add(prompt_length)
     assert prompt_lengths == {32, 35, 44}  # the longest chat: 44 + 17 + EOS = 62 tokens
+
+
+# --- sums (several valid answers) -----------------------------------------------------------------
+
+SUM_SHIPPED_FILES = [
+    "sum_sft_train.jsonl",
+    "sum_sft_eval.jsonl",
+    "sum_rl_train.jsonl",
+    "sum_rl_eval.jsonl",
+]
+SUM_EVAL_FILES = ["sum_gen.jsonl"]
+# A sum question: one of the phrasings, the target its one number besides the "2" of "2-digit".
+SUM_QUESTION = re.compile(r"^\D*?(\d+)\D*$")
+
+
+def _sum_records(root_shipped: str, root_eval: str) -> dict[str, list[dict]]:
+    return {n: _read(os.path.join(root_shipped, n)) for n in SUM_SHIPPED_FILES} | {
+        n: _read(os.path.join(root_eval, n)) for n in SUM_EVAL_FILES
+    }
+
+
+def _sum_questions(files: dict[str, list[dict]], name: str) -> list[tuple[str, str]]:
+    """(question, answer) of every record: the SFT answer, or the target of RL and eval."""
+    if name.startswith("sum_sft"):
+        return [(r["messages"][0]["content"], r["messages"][1]["content"]) for r in files[name]]
+    field = "question" if name == "sum_gen.jsonl" else "prompt"
+    return [(r[field], r["answer"]) for r in files[name]]
+
+
+def _sum_target(question: str) -> int:
+    match = SUM_QUESTION.match(question.replace("2-digit", "two-digit"))
+    assert match, question
+    return int(match.group(1))
+
+
+def test_sum_shipped_files_are_the_generators_bytes(gen_root):
+    """`python -m llada_train.data.synthetic` writes the committed sum files byte for byte (seed
+    0); the same seed twice gives the same bytes, another seed other ones."""
+    for names, shipped_dir, sub in (
+        (SUM_SHIPPED_FILES, SHIPPED_DIR, "shipped"),
+        (SUM_EVAL_FILES, EVAL_DIR, "eval"),
+    ):
+        for name in names:
+            a, b, c = (os.path.join(gen_root[r], sub, name) for r in "abc")
+            with open(a, "rb") as fa, open(b, "rb") as fb, open(c, "rb") as fc:
+                data_a, data_b, data_c = fa.read(), fb.read(), fc.read()
+            with open(os.path.join(shipped_dir, name), "rb") as f:
+                assert f.read() == data_a, f"{name}: run `python -m llada_train.data.synthetic`"
+            assert data_a == data_b and data_a != data_c, name
+
+
+def test_sum_sizes_schemas_and_answers():
+    files = _sum_records(SHIPPED_DIR, EVAL_DIR)
+    sizes = {n: len(files[n]) for n in files}
+    num_train_questions = len(generate.sum_questions(heldout=False))
+    assert sizes == {
+        "sum_sft_train.jsonl": 8000,
+        "sum_sft_eval.jsonl": 200,
+        "sum_rl_train.jsonl": num_train_questions,  # every training question once
+        "sum_rl_eval.jsonl": 200,
+        "sum_gen.jsonl": 200,
+    }
+    assert 800 < num_train_questions < 900
+    for name in ("sum_rl_train.jsonl", "sum_rl_eval.jsonl"):
+        assert all(set(r) == {"prompt", "answer", "terms", "reward"} for r in files[name])
+        assert {(r["reward"], r["terms"]) for r in files[name]} == {("sum", 4)}
+    assert all(set(r) == {"question", "answer", "terms"} for r in files["sum_gen.jsonl"])
+    phrasings = {t[:4] for t in generate.SUM_TEMPLATES}  # "Writ", "Expr", "Find"
+    for name in SUM_SHIPPED_FILES + SUM_EVAL_FILES:
+        used = set()
+        for question, answer in _sum_questions(files, name):
+            target = _sum_target(question)
+            assert 45 <= target <= 391, question
+            used.add(question[:4])
+            if name.startswith("sum_sft"):  # four 2-digit numbers summing to the target
+                terms = [int(x) for x in answer.split(" + ")]
+                assert len(terms) == 4 and all(10 <= x <= 99 for x in terms), answer
+                assert sum(terms) == target and answer == " + ".join(map(str, terms)), question
+            else:
+                assert answer == str(target), question
+        assert used == phrasings, name  # every file asks in all three phrasings
+
+
+def test_sum_training_answers_vary_per_question():
+    """The training data itself shows that a question has many answers: each training target
+    is asked ~29 times, with (nearly) as many different answers."""
+    records = _read(os.path.join(SHIPPED_DIR, "sum_sft_train.jsonl"))
+    answers: dict[int, set[str]] = {}
+    for record in records:
+        question, answer = (m["content"] for m in record["messages"])
+        answers.setdefault(_sum_target(question), set()).add(answer)
+    assert len(answers) == len({t for t, _ in generate.sum_questions(heldout=False)})
+    assert sum(map(len, answers.values())) > 0.95 * len(records)
+
+
+def test_sum_train_and_heldout_questions_are_disjoint(gen_root):
+    """No held-out question text (nor target, in any phrasing) is in a training file, whatever
+    the seed; the held-out files hold each question once."""
+
+    def split(files):
+        train, heldout = set(), set()
+        for name in SUM_SHIPPED_FILES + SUM_EVAL_FILES:
+            side = train if name.endswith("_train.jsonl") else heldout
+            side |= {q for q, _ in _sum_questions(files, name)}
+        return train, heldout
+
+    train, heldout = split(_sum_records(SHIPPED_DIR, EVAL_DIR))
+    assert len(train) > 800 and len(heldout) > 200 and not train & heldout
+    train_targets, heldout_targets = ({_sum_target(q) for q in s} for s in (train, heldout))
+    assert not train_targets & heldout_targets
+    assert all(generate.is_heldout_sum(t) for t in heldout_targets)
+    assert not any(generate.is_heldout_sum(t) for t in train_targets)
+    root = gen_root["c"]
+    other = _sum_records(os.path.join(root, "shipped"), os.path.join(root, "eval"))
+    other_train, other_heldout = split(other)
+    assert not train & other_heldout and not other_train & heldout
+    for name in ("sum_sft_eval.jsonl", "sum_rl_eval.jsonl", "sum_gen.jsonl"):
+        questions = [q for q, _ in _sum_questions(_sum_records(SHIPPED_DIR, EVAL_DIR), name)]
+        assert len(questions) == len(set(questions)), name
+
+
+def test_sum_answers_are_drawn_uniformly():
+    """count_sum_answers by hand for the smallest targets (stars and bars: 4 terms of 10..99
+    summing to 40 + e, e <= 89, is C(e + 3, 3)), and the sampler draws every answer of target
+    45 (56 of them) about equally often."""
+    import collections
+    import random
+
+    assert [generate.count_sum_answers(40 + e) for e in range(6)] == [1, 4, 10, 20, 35, 56]
+    assert generate.count_sum_answers(39) == generate.count_sum_answers(397) == 0
+    assert generate.count_sum_answers(45) == generate.count_sum_answers(391)  # symmetric
+    rng = random.Random(0)
+    counts = collections.Counter(generate.sample_sum_answer(rng, 45) for _ in range(5600))
+    assert len(counts) == 56 and all(sum(a) == 45 for a in counts)
+    assert 60 <= min(counts.values()) and max(counts.values()) <= 145  # ~100 each
+
+
+def test_sum_chats_fit_two_blocks_answer_whole_in_the_second():
+    """Every sum answer is 14 tokens (digits one token each, " + " two: "Ġ+", "Ġ"); through the
+    SFT pipeline, the held-out chats and the first 500 training ones are 64 tokens with their
+    padding and their prompts (32-39 tokens) fill the first 32-token block, so the answer and
+    its EOS lie whole in the second."""
+    from llada_train.data.pipeline import build_sft_example
+    from llada_train.tokenizer import encode_text, load_tokenizer, special_ids
+
+    tokenizer = load_tokenizer()
+    ids = special_ids(tokenizer)
+    assert tokenizer.convert_ids_to_tokens(encode_text(tokenizer, "48 + 62 + 47 + 74")) == [
+        "4", "8", "Ġ+", "Ġ", "6", "2", "Ġ+", "Ġ", "4", "7", "Ġ+", "Ġ", "7", "4"
+    ]  # fmt: skip
+    records = _read(os.path.join(SHIPPED_DIR, "sum_sft_eval.jsonl"))
+    records += _read(os.path.join(SHIPPED_DIR, "sum_sft_train.jsonl"))[:500]
+    prompt_lengths = set()
+    for i, record in enumerate(records):
+        example = build_sft_example(record, f"sum:{i + 1}", tokenizer, ids, 64, 32, True)
+        answer = encode_text(tokenizer, record["messages"][1]["content"])
+        prompt_length = example.maskable.index(True)
+        assert len(answer) == 14 and len(example.input_ids) == 64, record
+        assert example.input_ids[prompt_length : prompt_length + 15] == answer + [ids.eos_id]
+        prompt_lengths.add(prompt_length)
+    assert min(prompt_lengths) >= 32 and max(prompt_lengths) + 15 <= 64, prompt_lengths

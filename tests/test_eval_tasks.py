@@ -227,3 +227,52 @@ def test_shipped_sort_data_is_the_generators_heldout_lists():
         assert synthetic.is_heldout_sort(numbers)
         keys.add(synthetic.sort_key(numbers))
     assert len(keys) == len(docs)
+
+
+# ---------------------------------------------------------------------------------------------
+# Sums with several valid answers (eval/tasks/llada_sum.yaml)
+# ---------------------------------------------------------------------------------------------
+
+
+def _a_sum(doc: dict) -> str:
+    """A valid answer written here (no gold answer is shipped: any valid one scores): the terms
+    filled greedily from 99 down, the rest 10s."""
+    rest, terms = int(doc["answer"]) - 10 * doc["terms"], []
+    for _ in range(doc["terms"]):
+        terms.append(10 + min(89, rest))
+        rest -= terms[-1] - 10
+    return " + ".join(map(str, terms))
+
+
+@pytest.mark.parametrize("correct", [True, False])
+def test_sum_task_scores_an_oracle_exactly(correct):
+    import lm_eval
+    from lm_eval.tasks import TaskManager
+
+    oracle = _oracle(True)
+    oracle.generate_until = lambda requests, disable_tqdm=False: [
+        _a_sum(r.doc) if correct else "10 + 10 + 10 + 10" for r in requests
+    ]
+    raw = lm_eval.simple_evaluate(
+        model=oracle,
+        tasks=["llada_sum"],
+        limit=8,
+        task_manager=TaskManager(include_path=TASKS_DIR, include_defaults=False),
+        log_samples=False,
+        bootstrap_iters=0,
+    )
+    assert raw["results"]["llada_sum"]["exact_match,none"] == (1.0 if correct else 0.0)
+    assert raw["n-samples"]["llada_sum"]["effective"] == 8
+
+
+def test_sum_metric_is_the_sum_reward():
+    utils = _utils()
+    doc = {"question": "Write the number 231 as a sum of four 2-digit numbers."}
+    doc |= {"answer": "231", "terms": 4}
+    for right in ("48 + 62 + 47 + 74", "99 + 99 + 23 + 10", "Sure:\n58+58+58+57"):
+        assert utils.process_sum(doc, [right]) == {"exact_match": 1.0}, right
+    for wrong in ("48 + 62 + 47 + 75", "90 + 94 + 47", "48 + 62 + 47 + 74 = 231", "231"):
+        assert utils.process_sum(doc, [wrong]) == {"exact_match": 0.0}, wrong
+    docs = utils.load_jsonl({"test": "../data/sum_gen.jsonl"})["test"]
+    assert len(docs) == 200
+    assert all(utils.process_sum(d, [_a_sum(d)]) == {"exact_match": 1.0} for d in docs)

@@ -702,3 +702,79 @@ def test_a_code_record_without_entry_point_is_refused_at_loading(tmp_path):
         rewards.check_record("math", {"prompt": "1 + 1?"})
     rewards.check_record("code", good)
     rewards.check_record("code", HUMANEVAL_RECORD)
+
+
+# ---------------------------------------------------------------------------------------------
+# Sums (several valid answers)
+# ---------------------------------------------------------------------------------------------
+
+SUM_RECORD = {"prompt": "Write the number 231 as a sum of four 2-digit numbers.", "answer": "231"}
+SUM_RECORD |= {"terms": 4, "reward": "sum"}
+# Completion, expected reward, why. 48 + 62 + 47 + 74 = 231.
+SUM_CASES = [
+    ("48 + 62 + 47 + 74", 1.0, "the shipped answer format"),
+    ("74 + 47 + 62 + 48", 1.0, "another order is another valid answer"),
+    ("99 + 99 + 23 + 10", 1.0, "another decomposition: the largest and smallest terms"),
+    ("58 + 58 + 58 + 57", 1.0, "repeated terms are allowed"),
+    ("48+62+47+74", 1.0, "spaces around + are free"),
+    ("  48  +  62 +47 + 74  ", 1.0, "any amount of them"),
+    ("Here you go:\n48 + 62 + 47 + 74\n", 1.0, "the last non-empty line is the answer"),
+    ("#### 48 + 62 + 47 + 74", 1.0, "a marked answer is read"),
+    ("\\boxed{48 + 62 + 47 + 74}", 1.0, "so is a boxed one"),
+    ("48 + 62 + 47 + 75", 0.0, "wrong sum (232)"),
+    ("48 + 62 + 47 + 73", 0.0, "wrong sum (230)"),
+    ("8 + 102 + 47 + 74", 0.0, "a 1-digit and a 3-digit term (the sum is right)"),
+    ("148 + 9 + 37 + 37", 0.0, "a 3-digit term"),
+    ("48 + 62 + 47 + 7 + 67", 0.0, "five terms, one of 1 digit"),
+    ("90 + 94 + 47", 0.0, "three terms (sum right)"),
+    ("48 + 62 + 47 + 37 + 37", 0.0, "five 2-digit terms"),
+    ("48 + 62 + 47 + 74 = 231", 0.0, "extra text after the sum"),
+    ("48 + 62 + 47 + 74.", 0.0, "even a period"),
+    ("48 + 62 + 47 + 74\nDone.", 0.0, "a remark after the answer line"),
+    ("The numbers are 48 + 62 + 47 + 74", 0.0, "extra text before, on the answer line"),
+    ("48, 62, 47, 74", 0.0, "not joined by +"),
+    ("48 + 62 + 47 + + 74", 0.0, "an empty term"),
+    ("+48 + 62 + 47 + 74", 0.0, "a leading sign"),
+    ("07 + 62 + 88 + 74", 0.0, "a leading zero: 07 is no 2-digit number"),
+    ("-10 + 99 + 99 + 43", 0.0, "negative"),
+    ("48 + 62 + 47 + ٧٤", 0.0, "non-ASCII digits"),
+    ("4 8 + 62 + 47 + 74", 0.0, "a space inside a number"),
+    ("\\boxed{48 + 62 + 47 + 74", 0.0, "a truncated last box: the answer was cut off"),
+    ("48 + 62 + 47 + 74\n\\boxed{48 + 62", 0.0, "no earlier answer stands in for a cut-off one"),
+    ("", 0.0, "empty"),
+    ("\n  \n", 0.0, "blank"),
+]
+
+
+@pytest.mark.parametrize("completion, expected, reason", SUM_CASES)
+def test_sum_reward(completion, expected, reason):
+    assert rewards.sum_reward(completion, SUM_RECORD) == expected, reason
+    assert score("sum", completion, SUM_RECORD) == RewardResult(expected, None, None), reason
+
+
+def test_sum_reward_reads_target_and_terms_from_the_record():
+    assert rewards.sum_reward("90 + 94 + 47", {"answer": "231", "terms": 3}) == 1.0
+    assert rewards.sum_reward("10", {"answer": 10, "terms": 1}) == 1.0  # an int answer too
+    for bad in ({"answer": "231"}, {"answer": "231", "terms": 0}, {"answer": "x", "terms": 4}):
+        with pytest.raises(ValueError, match="sum record"):
+            rewards.check_record("sum", bad)
+        assert score("sum", "48 + 62 + 47 + 74", bad).error.startswith("sum: ValueError")
+    rewards.check_record("sum", SUM_RECORD)
+
+
+def test_every_shipped_sum_answer_scores_one():
+    """Every SFT answer, as the reward reads it, against its question's target (parsed here from
+    the question text); and every RL and eval record's target has valid answers."""
+    from llada_train.data.synthetic import count_sum_answers
+
+    for name in ("sum_sft_train.jsonl", "sum_sft_eval.jsonl"):
+        for record in _records(f"data/shipped/{name}"):
+            question, answer = (m["content"] for m in record["messages"])
+            words = question.replace("2-digit", "").rstrip(".").split()
+            (target,) = [int(w) for w in words if w.isdigit()]  # the one number asked
+            assert rewards.sum_reward(answer, {"answer": str(target), "terms": 4}) == 1.0, record
+    for name in ("data/shipped/sum_rl_train.jsonl", "data/shipped/sum_rl_eval.jsonl"):
+        records = _records(name)
+        values, num_errors = score_batch(None, ["10 + 10 + 10 + 10"] * len(records), records)
+        assert num_errors == 0 and sum(values) == 0  # 40 is no shipped target
+        assert all(count_sum_answers(int(r["answer"]), r["terms"]) >= 56 for r in records)

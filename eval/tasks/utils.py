@@ -11,8 +11,9 @@ Contract:
   `process_arith_gen` and `process_math` -> exact_match = the math reward (math-verify's
   extraction and equivalence); `process_code` -> pass@1 = the code reward (the completion's
   code against the record's tests in the sandbox; our records and HumanEval's); `process_sort`
-  -> exact_match = the sort reward (the answer's numbers, in order, are the gold list). A reward
-  that fails scores 0 (rewards.score never raises).
+  -> exact_match = the sort reward (the answer's numbers, in order, are the gold list);
+  `process_sum` -> exact_match = the sum reward (any valid answer). A reward that fails scores 0
+  (rewards.score never raises).
 """
 
 from __future__ import annotations
@@ -65,3 +66,11 @@ def process_sort(doc: dict, results: list[str]) -> dict[str, float]:
     """exact_match: 1.0 iff the completion's numbers, in order, are doc["answer"]'s (the sort
     reward: "12 15 33 47 71 89" for "Sort these numbers: 47 12 89 33 15 71")."""
     return {"exact_match": score("sort", results[0], {"answer": doc["answer"]}).value}
+
+
+def process_sum(doc: dict, results: list[str]) -> dict[str, float]:
+    """exact_match: 1.0 iff the completion is doc["terms"] 2-digit numbers joined by "+" summing
+    to doc["answer"] (the sum reward: "48 + 62 + 47 + 74", or any other valid answer, for
+    "Write the number 231 as a sum of four 2-digit numbers.")."""
+    example = {"answer": doc["answer"], "terms": doc["terms"]}
+    return {"exact_match": score("sum", results[0], example).value}

@@ -19,6 +19,14 @@ Contract:
     out_dir/sort_rl_train.jsonl  {"prompt", "answer", "reward": "sort"}: the same questions
     out_dir/sort_rl_eval.jsonl
     eval_dir/sort_gen.jsonl      {"question", "answer"}: exact-match generation
+  and the sum task (several valid answers per question), in its own files likewise:
+    out_dir/sum_sft_train.jsonl  {"messages"}: "Write the number 231 as a sum of four 2-digit
+    out_dir/sum_sft_eval.jsonl     numbers." -> "48 + 62 + 47 + 74", in three phrasings
+                                   (`SUM_TEMPLATES`), one answer drawn uniformly per chat
+    out_dir/sum_rl_train.jsonl   {"prompt", "answer" (the target), "terms", "reward": "sum"}
+    out_dir/sum_rl_eval.jsonl
+    eval_dir/sum_gen.jsonl       {"question", "answer" (the target), "terms"}: generation, scored
+                                 by the sum reward (any valid answer)
 - Same seed -> byte-identical files; another seed -> other samples.
 - Held-out files (`*_eval`, `eval_dir/*`) are disjoint from training files (CPT, SFT train, RL
   train) **by construction, independent of the seed**: an arithmetic problem (op, a, b) and a
@@ -26,7 +34,9 @@ Contract:
   (`is_heldout_problem`, `is_heldout_code_task`), and training files draw only from the other
   split. Commutative problems are keyed in canonical order, so "456 + 123" never leaks "123 + 456".
   A sorting problem is keyed by its sorted multiset (`sort_key`), so no order of a held-out list
-  appears in a training file (`is_heldout_sort`).
+  appears in a training file (`is_heldout_sort`). A sum problem is keyed by its target and
+  number of terms (`is_heldout_sum`, 20% of targets), so a held-out target is asked in no
+  phrasing in a training file.
   The working steps of the column method only ever contain digit-sized operands, outside the
   problem range, so they can never state a held-out problem either.
 - Problems are 2-digit additions, a + b with 10 <= a, b <= 99, and the chats answer them directly.
@@ -43,6 +53,17 @@ Contract:
   included) and every chat 50-62 tokens: prompt + answer + EOS fit one 64-token block (what
   recipes/tiny_sort.yaml trains with) or two 32-token blocks, the answer with its EOS then whole
   in the second block.
+- Sum problems: write a target as a sum of `SUM_TERMS` = 4 numbers of 10..99. Targets run from
+  40 + `SUM_TARGET_MARGIN` to 396 - `SUM_TARGET_MARGIN` (45..391: every target has at least 56
+  ordered answers, `count_sum_answers`); a training chat's answer is drawn uniformly from all
+  ordered answers of its target (`sample_sum_answer`), so the ~29 chats per training target show
+  ~29 different answers. Four terms, not three: the answer "48 + 62 + 47 + 74" is 14 tokens
+  (every digit one token, every " + " two: "Ġ+", "Ġ"), 15 with EOS, 8 digits all coupled through
+  the sum (three terms: 10 tokens). Prompts are 32-39 tokens (chat template included), so with
+  32-token blocks the answer and its EOS lie whole in the second block (a chat is 47-54 tokens).
+  Held out: 20% of targets (10% would leave ~38 targets, too few for 200 distinct held-out
+  questions); the held-out files draw distinct question texts (target x phrasing) from all
+  three phrasings, the lm-eval file too (the first phrasing alone gives only ~71 questions).
 - `code_tasks()` holds every code task with its reference solution (the files do not carry it).
 
 CLI: `python -m llada_train.data.synthetic [--out data/shipped] [--eval-out eval/data] [--seed 0]`.
@@ -52,6 +73,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import hashlib
 import json
 import os
@@ -80,6 +102,10 @@ NUM_SORT_SFT_EVAL = 200
 NUM_SORT_RL_TRAIN = 2000
 NUM_SORT_RL_EVAL = 200
 NUM_SORT_GEN = 200
+NUM_SUM_SFT_TRAIN = 8000
+NUM_SUM_SFT_EVAL = 200  # distinct questions, from the ~213 held-out ones (71 targets x 3)
+NUM_SUM_RL_EVAL = 200  # the RL training file holds every training question once (~828)
+NUM_SUM_GEN = 200
 
 HELDOUT_PERCENT_PROBLEMS = 10
 HELDOUT_PERCENT_CODE = 20
@@ -264,6 +290,94 @@ def sample_unique_sort_problems(
 
 def sort_question(numbers: tuple[int, ...] | list[int], template: str = SORT_EVAL_TEMPLATE) -> str:
     return template.format(numbers=" ".join(map(str, numbers)))
+
+
+# ---------------------------------------------------------------------------------------------
+# Sum problems: several valid answers per question
+# ---------------------------------------------------------------------------------------------
+
+SUM_TERMS = 4  # numbers per answer: 14 answer tokens, 8 digits coupled by the sum
+SUM_TERM_RANGE = (10, 99)  # inclusive: 2-digit numbers
+SUM_TARGET_MARGIN = 5  # targets stay this far inside the reachable sums: >= 56 answers each
+HELDOUT_PERCENT_SUM = 20  # of the targets (see the module docstring)
+SUM_COUNT_WORDS = {2: "two", 3: "three", 4: "four", 5: "five", 6: "six"}
+SUM_TEMPLATES = [  # all 32-39 tokens with the chat template for four terms
+    "Write the number {target} as a sum of {count} 2-digit numbers.",
+    "Express {target} as the sum of {count} 2-digit numbers.",
+    "Find {count} 2-digit numbers that add up to exactly {target}.",
+]
+
+
+def sum_targets(terms: int = SUM_TERMS) -> list[int]:
+    """Every target asked, both splits: the reachable sums less `SUM_TARGET_MARGIN` at each end
+    (near the ends a target has one or a handful of answers)."""
+    lo, hi = SUM_TERM_RANGE
+    return list(range(terms * lo + SUM_TARGET_MARGIN, terms * hi - SUM_TARGET_MARGIN + 1))
+
+
+def is_heldout_sum(target: int, terms: int = SUM_TERMS) -> bool:
+    """Whether a sum problem belongs to the held-out split: a fixed hash of (terms, target),
+    whatever the seed and the phrasing."""
+    return _stable_percent(f"sum:{terms}:{target}") < HELDOUT_PERCENT_SUM
+
+
+@functools.cache
+def _sum_counts(terms: int) -> tuple[tuple[int, ...], ...]:
+    """counts[j][s]: how many ordered j-tuples of numbers in `SUM_TERM_RANGE` sum to s, for
+    j = 0..terms and s = 0..terms * hi."""
+    lo, hi = SUM_TERM_RANGE
+    counts = [[1] + [0] * (terms * hi)]
+    for _ in range(terms):
+        previous = counts[-1]
+        counts.append(
+            [sum(previous[s - x] for x in range(lo, min(hi, s) + 1)) for s in range(len(previous))]
+        )
+    return tuple(map(tuple, counts))
+
+
+def count_sum_answers(target: int, terms: int = SUM_TERMS) -> int:
+    """How many ordered answers (terms-tuples of 2-digit numbers) sum to `target`."""
+    counts = _sum_counts(terms)[terms]
+    return counts[target] if 0 <= target < len(counts) else 0
+
+
+def sample_sum_answer(rng: random.Random, target: int, terms: int = SUM_TERMS) -> tuple[int, ...]:
+    """One ordered answer drawn uniformly from all `count_sum_answers(target, terms)`: each term
+    in turn, with the probability of the number of ways to complete the rest (exact integers)."""
+    lo, hi = SUM_TERM_RANGE
+    counts = _sum_counts(terms)
+    if count_sum_answers(target, terms) == 0:
+        raise ValueError(f"{target} is no sum of {terms} numbers in {lo}..{hi}")
+    parts, rest = [], target
+    for j in range(terms, 0, -1):
+        r = rng.randrange(counts[j][rest])
+        for x in range(lo, hi + 1):
+            ways = counts[j - 1][rest - x] if 0 <= rest - x < len(counts[j - 1]) else 0
+            if r < ways:
+                break
+            r -= ways
+        parts.append(x)
+        rest -= x
+    assert rest == 0, (target, parts)
+    return tuple(parts)
+
+
+def sum_answer(parts: tuple[int, ...] | list[int]) -> str:
+    return " + ".join(map(str, parts))
+
+
+def sum_question(target: int, template: str = SUM_TEMPLATES[0], terms: int = SUM_TERMS) -> str:
+    return template.format(target=target, count=SUM_COUNT_WORDS[terms])
+
+
+def sum_questions(heldout: bool, terms: int = SUM_TERMS) -> list[tuple[int, str]]:
+    """Every (target, question text) of one split, every phrasing, in a fixed order."""
+    return [
+        (target, sum_question(target, template, terms))
+        for target in sum_targets(terms)
+        if is_heldout_sum(target, terms) == heldout
+        for template in SUM_TEMPLATES
+    ]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -621,6 +735,50 @@ def make_sort_gen(rng: random.Random) -> list[dict]:
     return [{"question": sort_question(xs), "answer": sort_answer(xs)} for xs in problems]
 
 
+def _sum_problems(rng: random.Random, num: int | None, heldout: bool) -> list[tuple[int, str]]:
+    """(target, question) pairs: held-out, or `num` None: distinct questions (`num` of them, or
+    every one, shuffled); training with a `num`: drawn with repeats (target, then phrasing)."""
+    questions = sum_questions(heldout)
+    if heldout or num is None:
+        num = len(questions) if num is None else num
+        if num > len(questions):
+            raise RuntimeError(f"only {len(questions)} distinct questions; lower the count")
+        return rng.sample(questions, num)
+    targets = sorted({target for target, _ in questions})
+    return [(t, sum_question(t, rng.choice(SUM_TEMPLATES))) for t in rng.choices(targets, k=num)]
+
+
+def make_sum_sft(rng: random.Random, num: int, heldout: bool) -> list[dict]:
+    """Sum chats, each with one answer drawn uniformly from its target's answers; distinct
+    questions for the held-out split. Every chat fits two 32-token blocks, the answer whole in
+    the second (see the module docstring)."""
+    return [
+        {
+            "messages": [
+                {"role": "user", "content": question},
+                {"role": "assistant", "content": sum_answer(sample_sum_answer(rng, target))},
+            ]
+        }
+        for target, question in _sum_problems(rng, num, heldout)
+    ]
+
+
+def make_sum_rl(rng: random.Random, num: int | None, heldout: bool) -> list[dict]:
+    """RL records: the target as "answer" and the number of terms, so that the sum reward reads
+    no prompt. `num` None: every question of the split once."""
+    return [
+        {"prompt": question, "answer": str(target), "terms": SUM_TERMS, "reward": "sum"}
+        for target, question in _sum_problems(rng, num, heldout)
+    ]
+
+
+def make_sum_gen(rng: random.Random) -> list[dict]:
+    return [
+        {"question": question, "answer": str(target), "terms": SUM_TERMS}
+        for target, question in _sum_problems(rng, NUM_SUM_GEN, heldout=True)
+    ]
+
+
 def write_jsonl(path: str, records: list[dict]) -> None:
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     with open(path, "w", encoding="utf-8", newline="\n") as f:
@@ -670,6 +828,19 @@ def generate_all(
             rng("sort_rl_eval"), NUM_SORT_RL_EVAL, heldout=True
         ),
         os.path.join(eval_dir, "sort_gen.jsonl"): make_sort_gen(rng("sort_gen")),
+        os.path.join(out_dir, "sum_sft_train.jsonl"): make_sum_sft(
+            rng("sum_sft_train"), NUM_SUM_SFT_TRAIN, heldout=False
+        ),
+        os.path.join(out_dir, "sum_sft_eval.jsonl"): make_sum_sft(
+            rng("sum_sft_eval"), NUM_SUM_SFT_EVAL, heldout=True
+        ),
+        os.path.join(out_dir, "sum_rl_train.jsonl"): make_sum_rl(
+            rng("sum_rl_train"), None, heldout=False
+        ),
+        os.path.join(out_dir, "sum_rl_eval.jsonl"): make_sum_rl(
+            rng("sum_rl_eval"), NUM_SUM_RL_EVAL, heldout=True
+        ),
+        os.path.join(eval_dir, "sum_gen.jsonl"): make_sum_gen(rng("sum_gen")),
     }
     for path, records in files.items():
         write_jsonl(path, records)

@@ -50,6 +50,13 @@ Contract:
   compared by value (so "12.0" is 12); all other text (words, commas, brackets) is ignored. A
   missing, extra, repeated or misplaced number scores 0. A gold answer without a number is a
   bad record: ValueError (an error in `score`).
+- `sum_reward`: 1.0 iff the completion's answer is exactly example["terms"] numbers of 10..99
+  (two ASCII digits, no sign, no leading zero) joined by "+" (spaces around each "+" free),
+  summing to example["answer"] (the target; the shipped sum task: "48 + 62 + 47 + 74" for 231
+  and four terms, and every other valid answer). The answer read is the marked answer
+  (`extract_answer`), else the last non-empty line of the completion, so text after the sum
+  (a period, "= 231", a remark on a new line) scores 0; a truncated last \\boxed{ scores 0. A
+  record without an integer "answer" or a positive integer "terms" is a bad record: ValueError.
 - `format_reward`: 1.0 iff the completion gives its answer the expected way: a non-empty
   `\\boxed{...}` or `#### ...` for math (not one ending in an unclosed `\\boxed{`), a fenced
   code block for code records.
@@ -58,8 +65,9 @@ Contract:
   `score`'s `reason` says why it scores 0 where the reward can (code). An unknown reward name is
   a configuration error and raises ValueError before anything runs.
 - `check_record(name, record)`: ValueError for a record the reward cannot score (code: no
-  `entry_point`, no tests, tests that do not compile; math and sort: no answer), so that data
-  loading refuses it with its file and line (`llada_train.rl.loop.load_prompts`).
+  `entry_point`, no tests, tests that do not compile; math and sort: no answer; sum: no integer
+  answer or terms), so that data loading refuses it with its file and line
+  (`llada_train.rl.loop.load_prompts`).
 """
 
 from __future__ import annotations
@@ -101,6 +109,7 @@ _OPEN_FENCE = re.compile(r"```[ \t]*(?:python3?|py)?[ \t]*\n")
 _PYTHON_LANGS = ("python", "python3", "py")
 _DEFINITIONS = (ast.Import, ast.ImportFrom, ast.Assign, ast.AnnAssign, ast.ClassDef)
 _NUMBER = re.compile(r"-?[0-9]+(?:\.[0-9]+)?")  # sort reward: "12", "-3", "12.0"
+_SUM_TERM = re.compile(r"[1-9][0-9]")  # sum reward: 10..99 in ASCII (\d: any Unicode digit)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -456,6 +465,38 @@ def sort_reward(completion: str, example: dict) -> float:
 
 
 # ---------------------------------------------------------------------------------------------
+# Sums (several valid answers)
+# ---------------------------------------------------------------------------------------------
+
+
+def _sum_spec(example: dict) -> tuple[int, int]:
+    """(target, number of terms) of a sum record; ValueError saying what to set otherwise."""
+    target, terms = str(example.get("answer", "")).strip(), example.get("terms")
+    if not re.fullmatch(r"[0-9]+", target):
+        raise ValueError(f"sum record with answer {example.get('answer')!r}: set it to the target")
+    if isinstance(terms, bool) or not isinstance(terms, int) or terms < 1:
+        raise ValueError(f"sum record with terms {terms!r}: set it to the number of terms (>= 1)")
+    return int(target), terms
+
+
+def sum_reward(completion: str, example: dict) -> float:
+    """1.0 iff the completion's answer is example["terms"] 2-digit numbers (10..99) joined by
+    "+", summing to example["answer"] (see the module docstring: the marked answer if any, else
+    the last non-empty line). Raises ValueError for a bad record (`_sum_spec`)."""
+    target, terms = _sum_spec(example)
+    if is_truncated(completion):
+        return 0.0  # the final answer was cut off
+    answer = extract_answer(completion)
+    if answer is None:
+        lines = [line for line in completion.split("\n") if line.strip()]
+        answer = lines[-1] if lines else ""
+    parts = [part.strip() for part in answer.split("+")]
+    if len(parts) != terms or not all(_SUM_TERM.fullmatch(part) for part in parts):
+        return 0.0
+    return 1.0 if sum(map(int, parts)) == target else 0.0
+
+
+# ---------------------------------------------------------------------------------------------
 # Code
 # ---------------------------------------------------------------------------------------------
 
@@ -681,6 +722,7 @@ REWARDS: dict[str, RewardFn] = {
     "math": math_reward,
     "code": code_reward,
     "sort": sort_reward,
+    "sum": sum_reward,
     "format": format_reward,
 }
 
@@ -706,6 +748,8 @@ def check_record(name: str, example: dict) -> None:
         raise ValueError(f"record without 'answer': the {name} reward compares with it")
     if name == "code":
         check_code_record(example)
+    if name == "sum":
+        _sum_spec(example)
 
 
 @dataclass(frozen=True)
