@@ -36,7 +36,6 @@ from llada_train.model.modeling import LLaDA2MoeModelLM
 from llada_train.tokenizer import load_tokenizer, special_ids
 from tests.conftest import tiny_config
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RELEASE_MARK = "# release-like remote code of tests/test_export.py: must reach every export\n"
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu", "WANDB_MODE": "disabled"}
 
