@@ -20,6 +20,8 @@ from llada_train.model.modeling import (
     Router,
     apply_partial_rope,
     grouped_mm,
+    padded_bmm,
+    per_group_mm,
     rope_cos_sin,
 )
 from llada_train.model.reference import naive_moe_forward
@@ -272,13 +274,19 @@ def test_grouped_moe_equals_per_expert_loop():
     assert moe.last_expert_load.sum() == 30 * 2  # tokens x top-k
 
 
-def test_grouped_mm_fallback_matches_loop_including_empty_groups():
-    x = torch.randn(7, 5, dtype=torch.float64)  # float64 takes the padded-bmm path
-    w = torch.randn(4, 5, 3, dtype=torch.float64)
+@pytest.mark.parametrize("impl", [grouped_mm, per_group_mm, padded_bmm])
+def test_grouped_mm_paths_match_including_empty_groups(impl):
+    """The CPU path (per group), the GPU fallback (padded bmm) and the dispatcher agree."""
+    x = torch.randn(7, 5, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(4, 5, 3, dtype=torch.float64, requires_grad=True)
     offsets = torch.tensor([2, 2, 6, 7])  # group 1 is empty
-    out = grouped_mm(x, w, offsets)
+    out = impl(x, w, offsets)
     ref = torch.cat((x[0:2] @ w[0], x[2:6] @ w[2], x[6:7] @ w[3]))
     assert torch.allclose(out, ref)
+    g_out = torch.autograd.grad(out.square().sum(), (x, w))
+    g_ref = torch.autograd.grad(ref.square().sum(), (x, w))
+    assert all(torch.allclose(a, b) for a, b in zip(g_out, g_ref))
+    assert impl(x[:0], w, torch.zeros(4, dtype=torch.long)).shape == (0, 3)
 
 
 def test_activation_checkpointing_gives_same_gradients():

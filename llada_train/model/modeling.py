@@ -210,12 +210,31 @@ class Router(nn.Module):
 def grouped_mm(x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
     """x (N, in) with rows sorted by group; rows offsets[e-1]:offsets[e] are multiplied by w[e].
 
-    One fused kernel (torch._grouped_mm) on Hopper GPUs, else one padded bmm (groups padded to
-    the largest group): either way a constant number of launches, whatever the number of
-    experts.
+    One fused kernel (torch._grouped_mm) on Hopper GPUs; on other GPUs one padded bmm (groups
+    padded to the largest group: a constant number of launches, whatever the number of experts);
+    on CPU one matmul per group over exactly its rows, since there the padded bmm computes every
+    expert at the largest group's size (measured 69 ms against 42 ms forward + backward for
+    4096 rows x 16 experts of 256 x 256 at a max/mean load of 2.6, torch 2.13, one thread; the
+    tiny model's routers run at 2-3.5). The results are the same to the bit on that case.
     """
     if _use_torch_grouped_mm(x, w):
         return torch._grouped_mm(x, w, offs=offsets.to(torch.int32))
+    if x.device.type == "cpu":
+        return per_group_mm(x, w, offsets)
+    return padded_bmm(x, w, offsets)
+
+
+def per_group_mm(x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+    """`grouped_mm` as one matmul per group: x (N, in), w (G, in, out), offsets (G,) -> (N, out)."""
+    rows, start = [], 0
+    for group, end in enumerate(offsets.tolist()):
+        rows.append(x[start:end] @ w[group])  # (count, out)
+        start = end
+    return torch.cat(rows) if rows else x.new_zeros(0, w.shape[2])
+
+
+def padded_bmm(x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+    """`grouped_mm` as one bmm over groups padded to the largest: shapes as `per_group_mm`."""
     num_groups = w.shape[0]
     counts = torch.diff(offsets, prepend=offsets.new_zeros(1))
     starts = offsets - counts
