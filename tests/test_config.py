@@ -159,13 +159,17 @@ def test_tiny_sort_recipes_differ_from_tiny_only_in_data_and_folders():
 
     sort, tiny = plain("sft", "tiny_sort"), plain("sft", "tiny")
     changed = {"data", "checkpoint", "output_dir", "block_length", "sampler", "heldout"}
-    changed |= {"max_steps"}
+    changed |= {"max_steps", "corruption", "optim"}
     assert {k for k in sort if sort[k] != tiny[k]} == changed
-    assert (sort["max_steps"], tiny["max_steps"]) == (3000, 1500)
+    assert (sort["max_steps"], tiny["max_steps"]) == (3000, 1000)
     assert sort["heldout"] == {
         **tiny["heldout"],
         "files": [os.path.join(llada_train.DATA_DIR, "shipped", "sort_sft_eval.jsonl")],
+        "every": 250,
     }
+    # sorting keeps the corruption and schedule its figures were measured with (issue 26)
+    assert sort["corruption"] == {**tiny["corruption"], "t_max": 0.8, "pad_weight": 1.0}
+    assert sort["optim"] == {**tiny["optim"], "decay_ratio": 0.3}
     assert sort["block_length"] == sort["sampler"]["block_length"] == 64
     assert {**sort["sampler"], "block_length": 32} == tiny["sampler"]
     assert sort["data"] == {

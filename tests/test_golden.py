@@ -157,8 +157,9 @@ def collect(run_dir, keys: list[str]) -> list[dict]:
 
 def measure(tmp, train_extra=(), rl_extra=()) -> dict:
     """The three golden runs under `tmp`, with extra overrides; {name: [row per step]}."""
-    # pinned: the tiny recipe's SFT mask ratio may change (CPT keeps its own U[eps, 1])
-    sft = [*TRAIN, "corruption.t_min=0.3", *train_extra]
+    # pinned: the tiny recipe's SFT corruption may change (CPT keeps its own U[eps, 1])
+    sft = [*TRAIN, "corruption.t_min=0.3", "corruption.t_max=0.8", "corruption.pad_weight=1.0"]
+    sft += train_extra
     run(["llada_train.sft", *sft, "max_steps=6", f"output_dir={tmp / 'sft'}"])
     run(["llada_train.cpt", *TRAIN, *train_extra, "max_steps=4", f"output_dir={tmp / 'cpt'}"])
     policy, files = say_one_setup(tmp)
