@@ -161,7 +161,7 @@ def test_tiny_sort_recipes_differ_from_tiny_only_in_data_and_folders():
     changed = {"data", "checkpoint", "output_dir", "block_length", "sampler", "heldout"}
     changed |= {"max_steps", "corruption", "optim"}
     assert {k for k in sort if sort[k] != tiny[k]} == changed
-    assert (sort["max_steps"], tiny["max_steps"]) == (3000, 1000)
+    assert (sort["max_steps"], tiny["max_steps"]) == (3000, 1200)
     assert sort["heldout"] == {
         **tiny["heldout"],
         "files": [os.path.join(llada_train.DATA_DIR, "shipped", "sort_sft_eval.jsonl")],

@@ -285,7 +285,7 @@ def test_grouped_mm_paths_match_including_empty_groups(impl):
     assert torch.allclose(out, ref)
     g_out = torch.autograd.grad(out.square().sum(), (x, w))
     g_ref = torch.autograd.grad(ref.square().sum(), (x, w))
-    assert all(torch.allclose(a, b) for a, b in zip(g_out, g_ref))
+    assert all(torch.allclose(a, b) for a, b in zip(g_out, g_ref, strict=True))
     assert impl(x[:0], w, torch.zeros(4, dtype=torch.long)).shape == (0, 3)
 
 
