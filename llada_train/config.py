@@ -106,6 +106,12 @@ class Pack(Choice):
     never = "never"
 
 
+class Gather(Choice):  # llada_train/distributed.py inference_model, docs/scale.md
+    auto = "auto"  # whole where the memory plan says it fits, else layerwise; whole on CPU
+    whole = "whole"  # the whole model gathered on every rank for a block of decoding
+    layerwise = "layerwise"  # ZeRO-3's per-module fetch, every rank in lock-step
+
+
 class EvalMode(Choice):
     auto = "auto"  # background on CPU, in_process on GPU
     background = "background"
@@ -223,7 +229,9 @@ class PlanConfig:
     num_gpus: int | None = None  # GPUs of the planned run; None = WORLD_SIZE of this process
     ep_size: int = 1  # expert-parallel degree to plan for (routed experts split E ways)
     prompt_length: int = 256  # RL: prompt tokens per rollout sequence (+ rollout.gen_length)
-    rollout_gather: str = "whole"  # RL under ZeRO-3: whole (what rl/loop.py does) | layerwise
+    # RL: the conf/model NAME the plan sizes (a dry run before init_from's weights are on disk);
+    # null = init_from's config.json. SFT/CPT size their `model` node.
+    model: str | None = None
 
 
 @dataclass
@@ -287,6 +295,11 @@ class RolloutConfig:
     # prompts per rollout batch, each rank keeping groups with reward variance until its
     # prompts_per_step / W of them fill its batch; 1 = off (every sampled group is trained on)
     max_rounds: int = 1
+    # Under ZeRO-3, how rollouts, the held-out reward, smoke samples and in-process lm-eval get
+    # their weights: whole (gathered on every rank), layerwise (per-module fetch in lock-step),
+    # auto (whole where the memory plan says it fits, else layerwise; whole on CPU). No effect
+    # below ZeRO-3, where the weights are resident. docs/scale.md
+    gather: Gather = Gather.auto
 
 
 @dataclass
@@ -306,7 +319,9 @@ class ObjectiveConfig:
 
 @dataclass
 class RLConfig:
-    init_from: str = MISSING  # an HF-format SFT checkpoint (weights + tokenizer)
+    # an HF-format SFT checkpoint (weights + tokenizer); null only in a recipe of a released
+    # model (recipes/rl/flash.yaml), which a run must be given and a dry run does not need
+    init_from: str | None = MISSING
     tokenizer: str | None = None  # None = the tokenizer inside init_from
     data: RLDataConfig = field(default_factory=RLDataConfig)
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
@@ -330,6 +345,7 @@ class RLConfig:
     resume_allow_changes: bool = False  # resume although data/batch/seed/model changed
     max_consecutive_nonfinite: int = 3  # stop after this many non-finite updates in a row
     progress: bool = True
+    dry_run: bool = False  # print sizes, the DeepSpeed config and the memory plan, exit
     plan: PlanConfig = field(default_factory=PlanConfig)  # memory plan (llada_train.memory_plan)
 
 

@@ -7,15 +7,21 @@ Contract:
 - `deepspeed_config(...)` is the one place the DeepSpeed json is produced from our typed config.
 - `create_engine(...)`: a real DeepSpeed engine (ZeRO 0-3, optional CPU offload) over the model,
   AdamW with decoupled weight decay on matrices only, and a step-indexed LR schedule.
-- `inference_model(model)`: whole weights on every rank for a block of decoding (the model
-  itself below ZeRO-3, else a hook-free twin over the gathered tensors), so that ranks may take
-  different numbers of sampler forwards; never per forward. Loads and exports gather one decoder
-  layer at a time (`layerwise_gather`), so no rank holds the whole model for them.
+- `inference_model(model, gather, engine)`: the model for a block of decoding. Below ZeRO-3 the
+  model itself. Under ZeRO-3, `gather="whole"`: whole weights on every rank (a hook-free twin
+  over the gathered tensors), so ranks may take different numbers of sampler forwards;
+  `gather="layerwise"`: the partitioned model behind `LockstepModel`, decoding through ZeRO-3's
+  own per-module fetch with every rank of the ZeRO group making the same sequence of forwards
+  (a rank that is done runs one-token dummy forwards until an all-reduced "anyone still
+  decoding" flag is 0), on a rollout copy of the engine's parameter coordinator so the
+  training trace is untouched (docs/scale.md). Loads and exports gather one decoder layer at a
+  time (`layerwise_gather`), so no rank holds the whole model for them.
 """
 
 from __future__ import annotations
 
 import contextlib
+import copy
 import math
 import os
 import socket
@@ -107,6 +113,16 @@ def barrier() -> None:
         dist.barrier()
 
 
+def all_reduce_min(value: float, device: torch.device) -> float:
+    """The smallest `value` over ranks (`value` itself in a world of one); a collective, so
+    every rank calls it with its own value."""
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        t = torch.tensor([value], dtype=torch.float64, device=device)
+        dist.all_reduce(t, op=dist.ReduceOp.MIN)
+        return float(t.item())
+    return value
+
+
 def resolve_precision(precision: str, device: torch.device) -> str:
     """'auto' -> bf16 on CUDA, fp32 elsewhere."""
     if precision not in ("auto", "bf16", "fp32"):
@@ -168,7 +184,12 @@ def deepspeed_config(
                 "weight_decay": optim_cfg.weight_decay,
             },
         }
-    return _merge(config, dict(ds_cfg.overrides))
+    overrides = ds_cfg.overrides
+    if not isinstance(overrides, dict):  # a DictConfig: plain dicts, so nested blocks merge
+        from omegaconf import OmegaConf
+
+        overrides = OmegaConf.to_container(overrides, resolve=True)
+    return _merge(config, dict(overrides))
 
 
 def _merge(base: dict, extra: dict) -> dict:
@@ -314,16 +335,39 @@ def layerwise_gather(model: torch.nn.Module, modifier_rank: int | None = None):
 
 
 @contextlib.contextmanager
-def inference_model(model: torch.nn.Module):
-    """The model with whole weights for decoding, on this rank alone: `model` itself below
-    ZeRO-3; under ZeRO-3 a twin without DeepSpeed's hooks that shares the gathered tensors.
+def inference_model(model: torch.nn.Module, gather: str = "whole", engine: Any = None):
+    """The model to decode with for a block of sampler calls (a collective: every rank enters
+    and leaves).
 
-    Entering and leaving are collective (every rank must), but what happens inside is not: the
-    sampler takes a data-dependent number of forwards per rank, and ZeRO-3's per-module hooks
-    would re-gather released weights collectively inside them and deadlock.
+    Below ZeRO-3 (`is_partitioned` is False) `model` itself, whatever `gather` says: its weights
+    are resident. Under ZeRO-3:
+    - `gather="whole"`: a twin without DeepSpeed's hooks that shares the gathered tensors (the
+      whole bf16 model on every rank, 2 B x parameters). What happens inside is not collective:
+      ranks may take different numbers of forwards.
+    - `gather="layerwise"`: `LockstepModel` over the partitioned `model`; ZeRO-3's per-module
+      hooks fetch and release each submodule's weights, so a rank holds one decoder layer plus
+      what the prefetch bucket brings (docs/scale.md). Every model call inside is collective;
+      on leaving, a rank that is done runs dummy forwards until every rank of the ZeRO group is
+      (`LockstepModel.drain`). So no collective of another kind may run inside the block (do
+      all-reduces after it). `engine` (the DeepSpeed engine of `model`, required here) lends
+      its parameter coordinator: the block decodes on a copy whose trace is recorded from the
+      decoding forwards alone, and the engine gets its own back, trace untouched, on leaving.
+
+    Raises ValueError for a `gather` other than whole or layerwise (`auto` is resolved by the
+    caller: `memory_plan.decode_gather`); for layerwise under ZeRO-3, before any decoding,
+    ValueError when ZeRO-3 does not partition over every rank (`zero_group`) and RuntimeError
+    without `engine` or with a DeepSpeed lacking the coordinator API (`_offload_of`). A
+    forward that fails inside a layerwise block leaves the ranks' collectives out of step: it
+    surfaces as `DecodeDesync`, which callers must not swallow.
     """
+    if gather not in ("whole", "layerwise"):
+        raise ValueError(f"gather={gather!r}: inference_model takes whole or layerwise")
     if not is_partitioned(model):
         yield model
+        return
+    if gather == "layerwise":
+        with layerwise_model(model, engine) as stepped:
+            yield stepped
         return
     with gathered_parameters(model):
         with torch.device("meta"):
@@ -336,8 +380,232 @@ def inference_model(model: torch.nn.Module):
                     owner._parameters[leaf] = torch.nn.Parameter(t.data, requires_grad=False)
                 else:
                     owner._buffers[leaf] = t.data
+        twin.attention_backend = getattr(model, "attention_backend", "auto")
         twin.train(model.training)
         yield twin
+
+
+class DecodeDesync(RuntimeError):
+    """A forward failed on this rank inside a layerwise decoding block: the other ranks are
+    inside a ZeRO-3 all-gather this rank will never join, so the job cannot go on (callers
+    that keep training after a failed evaluation must re-raise this one)."""
+
+
+def zero_group(model: torch.nn.Module):
+    """The process group ZeRO-3 partitions `model` over (every parameter's `ds_process_group`;
+    the data-parallel group). Raises ValueError when the parameters are spread over different
+    groups (e.g. expert parallelism: lock-step decoding would need one flag per group) or when
+    the group is not every rank of WORLD. The "still decoding" flag is reduced over this group,
+    but DeepSpeed 0.19.8's `reset_step` checks the recorded trace with broadcasts over WORLD
+    (`assert_ints_same_as_other_ranks`, runtime/zero/utils.py) on the first forwards of a block
+    and after a trace invalidation: two ZeRO groups that make different numbers of forwards
+    would pair those broadcasts wrongly and hang. Pure data parallelism (this project today)
+    partitions over WORLD."""
+    groups = {id(p.ds_process_group): p.ds_process_group for p in model.parameters()
+              if hasattr(p, "ds_id")}  # fmt: skip
+    if len(groups) != 1:
+        raise ValueError(
+            f"layerwise decoding needs every ZeRO-3 parameter in one process group, found "
+            f"{len(groups)}; decode with the whole gather (RL: rollout.gather=whole)"
+        )
+    group = next(iter(groups.values()))
+    size, world = dist.get_world_size(group), dist.get_world_size()
+    if size != world:
+        raise ValueError(
+            f"layerwise decoding needs ZeRO-3 to partition over all {world} ranks (pure data "
+            f"parallelism), but its data-parallel group has {size}: DeepSpeed's trace checks "
+            "broadcast over all ranks and would not pair across groups that decode different "
+            "numbers of forwards (docs/scale.md, 'Decoding under ZeRO-3'); decode with the "
+            "whole gather (RL: rollout.gather=whole)"
+        )
+    return group
+
+
+class LockstepModel(torch.nn.Module):
+    """A partitioned ZeRO-3 model whose every call is matched by one forward on every rank of
+    its ZeRO group (`group`), so ZeRO-3's per-module all-gathers pair up across ranks.
+
+    Each call first all-reduces (sum, over `group`) a flag of 1 ("this rank is decoding"; the
+    sum is not read, so no device sync), then runs `module` under `torch.no_grad()` (inference
+    mode off, so the weights ZeRO-3 gathers, and keeps when persistent, are ordinary tensors
+    that training can use later). `drain()` is the other side: it all-reduces 0 and, while the
+    sum is not 0, runs one dummy forward (one token, no cache, no mask) that walks the same
+    module sequence as a real call; the weights gathered do not depend on the input's shape,
+    only on the modules called, and every forward of LLaDA2MoeModelLM calls every module (the
+    MoE experts are two stacked weights used whole). So ranks may decode different prompts,
+    different numbers of blocks and sampler calls: after `drain()` they have made the same
+    number of forwards. The sampler protocol (`sampler.Sampler`): cache capable, `config` of
+    the module, `.parameters()` for a device. Its train/eval mode starts as the module's.
+    """
+
+    supports_kv_cache = True  # forward passes every keyword on to LLaDA2MoeModelLM
+
+    def __init__(self, module: torch.nn.Module, group: Any, flag_device: torch.device) -> None:
+        super().__init__()
+        self.module = module
+        self.training = module.training  # lm-eval restores the mode it reads here
+        self.group = group
+        self.flag_device = flag_device
+        self.num_forwards = 0  # this rank's own model calls
+        self.num_dummy_forwards = 0  # forwards run for the other ranks
+        self.in_forward = False  # a failure with this set leaves the collectives out of step
+
+    @property
+    def config(self):
+        """The wrapped model's config (the sampler reads num_hidden_layers, lm-eval vocab_size)."""
+        return self.module.config
+
+    def reduce_flag(self, decoding: bool) -> torch.Tensor:
+        """All-reduce (sum) this rank's flag, a (1,) float tensor of 1 or 0, over the ZeRO
+        group; returns the sum, unread. Raises what the collective raises (a dead peer: gloo's
+        connection error)."""
+        flag = torch.tensor([1.0 if decoding else 0.0], device=self.flag_device)
+        dist.all_reduce(flag, op=dist.ReduceOp.SUM, group=self.group)
+        return flag
+
+    def anyone_decoding(self, decoding: bool) -> bool:
+        """`reduce_flag(decoding)`, read: whether any rank of the group sent 1."""
+        return bool(self.reduce_flag(decoding).item() > 0)
+
+    def forward(self, *args: Any, **kwargs: Any) -> torch.Tensor:
+        """`module(*args, **kwargs)` (LLaDA2MoeModelLM: fp32 logits (B, L', V)) after the flag
+        all-reduce, under no_grad with inference mode off; every rank of the group runs a
+        forward with it (its own or a dummy)."""
+        self.in_forward = True
+        self.reduce_flag(True)  # the others only need the 1 in the sum: nothing to read here
+        with torch.inference_mode(False), torch.no_grad():
+            out = self.module(*args, **kwargs)
+        self.num_forwards += 1
+        self.in_forward = False
+        return out
+
+    def drain(self) -> int:
+        """Run dummy forwards until no rank of the group decodes; returns how many ran here."""
+        ran = 0
+        dummy = torch.zeros((1, 1), dtype=torch.long, device=self.flag_device)  # (B, L) = (1, 1)
+        while self.anyone_decoding(False):
+            self.in_forward = True
+            with torch.inference_mode(False), torch.no_grad():
+                self.module(dummy)
+            self.in_forward = False
+            ran += 1
+        self.num_dummy_forwards += ran
+        return ran
+
+
+TESTED_DEEPSPEED = "0.19.8"  # the release whose private ZeRO-3 coordinator API is used below
+# What layerwise decoding calls on DeepSpeed's PartitionedParameterCoordinator (private API)
+COORDINATOR_METHODS = (
+    "is_invalid_trace",
+    "_clear_trace_structures",
+    "_invalidate_trace",
+    "_clean_inflight_param_registry",
+)
+
+
+def _offload_of(engine: Any):
+    """The ZeRO-3 parameter offload of a DeepSpeed engine (its hooks and its
+    `param_coordinator`), checked for the private API layerwise decoding swaps and calls.
+    Raises RuntimeError, naming the DeepSpeed release this was tested with, when `engine` is
+    None or has no such offload, coordinator or coordinator methods (older or newer DeepSpeed):
+    decoding on the training coordinator instead would prefetch and release by the training
+    step's trace, so it is refused rather than run silently."""
+    offload = getattr(getattr(engine, "optimizer", None), "parameter_offload", None)
+    coordinator = getattr(offload, "param_coordinator", None)
+    if coordinator is None:
+        missing = ["optimizer.parameter_offload.param_coordinator"]
+    else:
+        missing = [name for name in COORDINATOR_METHODS if not hasattr(coordinator, name)]
+    if missing:
+        import deepspeed
+
+        raise RuntimeError(
+            f"layerwise decoding under ZeRO-3 needs the DeepSpeed engine's ZeRO-3 parameter "
+            f"coordinator (private API, tested with deepspeed {TESTED_DEEPSPEED}); "
+            f"{'no engine was given' if engine is None else 'missing: ' + ', '.join(missing)} "
+            f"(deepspeed {deepspeed.__version__}). Install deepspeed=={TESTED_DEEPSPEED} or "
+            "decode with the whole gather (RL: rollout.gather=whole)"
+        )
+    return offload
+
+
+def _rollout_coordinator(coordinator: Any) -> Any:
+    """A copy of DeepSpeed's PartitionedParameterCoordinator (deepspeed 0.19.8,
+    runtime/zero/partitioned_param_coordinator.py) with an empty trace of its own: it records
+    the module order of the decoding forwards and prefetches by it, while the original keeps
+    the training step's forward + backward trace. The copy shares the in-flight registry and
+    the settings (prefetch bucket, live-parameter cap); `_clear_trace_structures` /
+    `_invalidate_trace` give it fresh trace lists instead of the original's."""
+    rollout = copy.copy(coordinator)
+    if rollout.is_invalid_trace():
+        rollout._clear_trace_structures()
+    else:  # a RECORD or COMPLETE training trace (the latter from the 3rd training step on)
+        rollout._invalidate_trace()  # sets the copy's mode only; waits for in-flight gathers
+    return rollout
+
+
+@contextlib.contextmanager
+def layerwise_model(model: torch.nn.Module, engine: Any):
+    """`LockstepModel` over the partitioned `model` for a block of decoding (see
+    `inference_model`, gather="layerwise"); on leaving, drains (every rank has made the same
+    forwards), releases every non-persistent weight left whole and gives `engine` its parameter
+    coordinator back, whether the block ended normally or by an exception outside a forward
+    (which is raised after that). Before any decoding: ValueError from `zero_group` (not pure
+    data parallelism), RuntimeError from `_offload_of` (no engine, or a DeepSpeed without the
+    coordinator API). A failure inside a forward or the drain raises `DecodeDesync`."""
+    from deepspeed.accelerator import get_accelerator
+
+    group = zero_group(model)
+    offload = _offload_of(engine)
+    training = offload.param_coordinator
+    offload.param_coordinator = _rollout_coordinator(training)
+    stepped = LockstepModel(model, group, torch.device(get_accelerator().current_device_name()))
+
+    def desync(e: Exception) -> DecodeDesync:
+        return DecodeDesync(
+            f"a forward failed inside layerwise decoding ({type(e).__name__}: {e}); the ranks "
+            "can no longer gather weights together"
+        )
+
+    def drain_and_release() -> None:
+        try:
+            stepped.drain()
+        except Exception as e:
+            raise desync(e) from e
+        # every rank is out of its forwards: no prefetched layer stays whole for training
+        offload.param_coordinator._clean_inflight_param_registry()
+        release_gathered(model)
+
+    try:
+        try:
+            yield stepped
+        except Exception as e:
+            if stepped.in_forward:
+                raise desync(e) from e
+            drain_and_release()  # the others are waiting for this rank's flag
+            raise
+        drain_and_release()
+    finally:
+        offload.param_coordinator = training
+
+
+def release_gathered(model: torch.nn.Module) -> int:
+    """Partition again every ZeRO-3 parameter of `model` left whole (AVAILABLE, not persistent,
+    in no module's forward); returns how many. Persistent parameters (numel at most
+    `stage3_param_persistence_threshold`) stay whole by design."""
+    from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
+
+    released = 0
+    for p in model.parameters():
+        if (
+            hasattr(p, "ds_id")
+            and p.ds_status == ZeroParamStatus.AVAILABLE
+            and not p.ds_persist
+            and not p.ds_active_sub_modules
+        ):
+            p.partition()
+            released += 1
+    return released
 
 
 @contextlib.contextmanager

@@ -1,7 +1,8 @@
 """A per-GPU memory plan before launch: model states, activations, the rollout extra, a verdict.
 
-`dry_run=true` prints it (train.py; see docs/memory.md). Everything here is arithmetic on the
-model config and the resolved run settings; nothing is allocated.
+`dry_run=true` prints it (train.py for SFT/CPT, rl/loop.py for RL; see docs/memory.md). Everything
+here is arithmetic on the model config and the resolved run settings; nothing is allocated. The
+same arithmetic resolves `rollout.gather=auto` at launch (`decode_gather`).
 
 Contract (all sizes in bytes unless a name ends in `_gb`; 1 GB = 1e9 bytes):
 - Model states (ZeRO paper, Rajbhandari et al. 2020, arXiv 1910.02054, section 3.1; DeepSpeed
@@ -22,12 +23,16 @@ Contract (all sizes in bytes unless a name ends in `_gb`; 1 GB = 1e9 bytes):
   Checked against the bytes autograd really saves on CPU (tests/test_memory_plan.py).
   With activation checkpointing: every layer's input (B x S x hidden) plus one layer's
   recomputation during backward.
-- Rollout extra (RL): under ZeRO-3 the sampler needs whole weights: `whole` gathers every bf16
-  weight (what rl/loop.py does today), `layerwise` two decoder layers; either way plus the
-  prefix KV cache of the sampler batch and one block's logits.
-- Peak = model states + max(training activations, rollout extra) + a fixed runtime overhead
-  (CUDA context, NCCL and allocator; RUNTIME_OVERHEAD_GB, a rough figure). It fits when the
-  peak is at most the GPU's memory.
+- Rollout extra (RL): under ZeRO-3 the sampler's weights: `whole` gathers every bf16 weight,
+  `layerwise` (ZeRO-3's own per-module fetch, `distributed.LockstepModel`) holds two of the
+  largest modules (the current and the prefetched one); either way plus the prefix KV cache of
+  the sampler batch and one block's logits. `auto` (`choose_gather`) is `whole` when model
+  states + that rollout with a whole gather + the runtime overhead fit the GPU, else
+  `layerwise` (training activations do not count: see the peak).
+- Peak = model states + max(ZeRO-3 working set + training activations, rollout) + a fixed
+  runtime overhead (CUDA context, NCCL and allocator; RUNTIME_OVERHEAD_GB, a rough figure):
+  training and decoding are never live together, and a layerwise rollout decodes within the
+  same working set (counted once). It fits when the peak is at most the GPU's memory.
 """
 
 from __future__ import annotations
@@ -62,7 +67,7 @@ class Setup:
     act_bytes: int = 2
     rollout_batch: int = 0  # RL: sequences per sampler call on one rank
     rollout_len: int = 0  # RL: prompt + generated tokens
-    rollout_gather: str = "whole"  # whole | layerwise
+    rollout_gather: str = "whole"  # whole | layerwise (auto resolved: `choose_gather`)
     reference_copy: bool = False  # RL kl_coef > 0: a frozen bf16 copy of the model
 
 
@@ -141,8 +146,9 @@ def layer_activation_bytes(
     router scores, the dispatched copies of the tokens (x top-k), the expert gate/up outputs,
     SiLU output and product, the expert outputs before and after the fp32 weighting and the index
     tensors; the shared expert and dense MLP keep gate, up, SiLU and product.
-    `dispatch_padding`: 0 on the GPU grouped-mm path; on CPU the padded grouped matmul keeps
-    (experts x largest group) / (tokens x top-k) extra copies of its inputs (>= 1).
+    `dispatch_padding`: 0 on the Hopper grouped-mm and the CPU per-expert paths; the padded bmm
+    of other GPUs (`modeling.padded_bmm`) keeps (experts x largest group) / (tokens x top-k)
+    extra copies of its inputs (>= 1).
     Not counted: the dense mask (`attention_mask_bytes`), tensors of size
     O(hidden) or O(experts) per layer.
     """
@@ -225,9 +231,11 @@ def activation_bytes(
 
 
 def rollout_bytes(config, s: Setup) -> float:
-    """RL sampler extra per GPU: gathered weights (ZeRO-3 only; below it they are resident),
-    the prefix KV cache (batch x len x layers x 2 x kv_heads x head_dim x act_bytes) and one
-    block's fp32 logits (batch x block_length x vocab x 4 B, twice for the sampling math)."""
+    """RL sampler bytes per GPU beside the model states: gathered weights (ZeRO-3 only; below
+    it they are resident): the whole bf16 model (`whole`) or the working set of two of the
+    largest modules (`layerwise`); the prefix KV cache (batch x len x layers x 2 x kv_heads x
+    head_dim x act_bytes) and one block's fp32 logits (batch x block_length x vocab x 4 B,
+    twice for the sampling math)."""
     if not s.rollout_batch:
         return 0.0
     total, _, largest = parameter_groups(config)
@@ -258,7 +266,7 @@ def estimate(config, s: Setup) -> Plan:
     head = logits_bytes(config, rows, s.seq_len, s.act_bytes)
     acts = layers + mask + head
     roll = rollout_bytes(config, s)
-    peak = states + working + max(acts, roll) + RUNTIME_OVERHEAD_GB * GB
+    peak = states + max(working + acts, roll) + RUNTIME_OVERHEAD_GB * GB
     ckpt = "with" if s.activation_checkpointing else "without"
     parts = [
         ("model states (weights + grads + optimizer)", states / GB),
@@ -269,7 +277,11 @@ def estimate(config, s: Setup) -> Plan:
         parts.append(("dense attention masks (sdpa, fp32 per layer)", mask / GB))
     parts.append((f"logits + loss ({rows} x {s.seq_len} x {config.vocab_size}, fp32)", head / GB))
     if s.rollout_batch:
-        parts.append((f"rollout extra ({s.rollout_gather} gather + KV cache)", roll / GB))
+        weights = "whole model" if s.rollout_gather == "whole" else "2 largest modules"
+        if s.stage < 3 and not s.offload_param:
+            weights = "resident weights"
+        label = f"rollout ({s.rollout_gather}: {weights} + KV cache + logits)"
+        parts.append((label, roll / GB))
     parts.append(("runtime overhead (CUDA context, NCCL, allocator)", RUNTIME_OVERHEAD_GB))
     return Plan(
         parts, states / GB, acts / GB, roll / GB, host / GB, peak / GB, peak / GB <= s.gpu_gb
@@ -306,9 +318,7 @@ def suggestions(config, s: Setup, total_lora_params: int) -> list[str]:
     if not s.activation_checkpointing:
         tried("activation_checkpointing=true", activation_checkpointing=True)
     if s.rollout_batch and s.rollout_gather == "whole" and s.stage >= 3:
-        tried(
-            "layerwise rollout gather (plan.rollout_gather=layerwise)", rollout_gather="layerwise"
-        )
+        tried("layerwise rollout gather (rollout.gather=layerwise)", rollout_gather="layerwise")
     if len(together) > 1 and not any("(fits" in line for line in out):
         p = estimate(config, dataclasses.replace(s, **together))
         host = f"; host {p.host_gb:.0f} GB per GPU" if p.host_gb else ""
@@ -335,6 +345,8 @@ def format_plan(config, s: Setup, total_lora_params: int = 0) -> list[str]:
         f"  (activations {'without' if s.activation_checkpointing else 'with'} checkpointing "
         f"would be {o.activations_gb:.1f} GB)"
     )
+    if s.rollout_batch:
+        lines.append("  (training and rollout are never live together: the peak takes the larger)")
     if p.host_gb:
         lines.append(f"  host memory (offload): {p.host_gb:.1f} GB per GPU")
     if not p.fits:
@@ -354,42 +366,120 @@ def device_gb(plan_cfg) -> tuple[float, str]:
         return float(plan_cfg.gpu_gb), "plan.gpu_gb"
     import torch
 
-    if torch.cuda.is_available():
-        return torch.cuda.get_device_properties(0).total_memory / GB, "the CUDA device"
+    if torch.cuda.is_available():  # this rank's device (init_distributed sets it)
+        props = torch.cuda.get_device_properties(torch.cuda.current_device())
+        return props.total_memory / GB, "the CUDA device"
     return 80.0, "assumed (no GPU here; set plan.gpu_gb)"
 
 
-def setup_from_config(cfg, config, task: str, world: int) -> Setup:
-    """A Setup from a resolved TrainConfig / RLConfig node and the model config."""
+def whole_gather_peak_gb(config, s: Setup) -> float:
+    """GB per GPU while decoding with a whole-model gather under the plan `s` (its rollout
+    batch, at least one sequence of one block): model states + the rollout bytes with `whole`
+    (the bf16 model, KV cache, logits) + the runtime overhead: the rollout term of `estimate`'s
+    peak. Training activations and the ZeRO-3 working set do not count: training and decoding
+    are never live together."""
+    whole = dataclasses.replace(
+        s, rollout_gather="whole", rollout_batch=max(1, s.rollout_batch),
+        rollout_len=max(s.rollout_len, s.block_length),
+    )  # fmt: skip
+    states, _ = model_state_bytes(config, whole)
+    return (states + rollout_bytes(config, whole)) / GB + RUNTIME_OVERHEAD_GB
+
+
+def choose_gather(config, s: Setup) -> str:
+    """What `rollout.gather=auto` decodes with under the plan `s`: `whole` when the decoding
+    with a whole gather fits the GPU (`whole_gather_peak_gb` <= gpu_gb), else `layerwise`;
+    `whole` below ZeRO-3, where nothing is gathered (the weights are resident). The rule of
+    issue 28: gather the whole model only where it fits. Whether training fits is the plan's
+    verdict, not this one's."""
+    if s.stage < 3 and not s.offload_param:
+        return "whole"
+    return "whole" if whole_gather_peak_gb(config, s) <= s.gpu_gb else "layerwise"
+
+
+def requested_gather(cfg, task: str) -> str:
+    """The gather a run asks for: `rollout.gather` for RL (rollouts, held-out reward, smoke
+    generations, in-process lm-eval); SFT/CPT have no key and decode with `auto`. Raises
+    ValueError for a value outside auto | whole | layerwise."""
+    gather = str(cfg.rollout.gather) if task == "rl" else "auto"
+    if gather not in ("auto", "whole", "layerwise"):
+        raise ValueError(f"rollout.gather={gather}: choose auto, whole or layerwise")
+    return gather
+
+
+def setup_from_config(
+    cfg, config, task: str, world: int, num_gpus: int | None = None, gpu_gb: float | None = None
+) -> Setup:
+    """A Setup from a resolved TrainConfig / RLConfig node and the model config, for
+    `num_gpus` GPUs (default `plan.num_gpus`, else `world`) of `gpu_gb` GB (default
+    `device_gb`); its `rollout_gather` is the run's (`requested_gather`), `auto` resolved by
+    `choose_gather`. Raises ValueError for a bad `plan.ep_size` or `rollout.gather`."""
     from llada_train.lora import lora_parameter_count
 
-    gpu_gb, _ = device_gb(cfg.plan)
-    if cfg.plan.rollout_gather not in ("whole", "layerwise"):
-        raise ValueError(f"plan.rollout_gather={cfg.plan.rollout_gather}: use whole or layerwise")
-    num_gpus = cfg.plan.num_gpus or world
+    gpu_gb = gpu_gb or device_gb(cfg.plan)[0]
+    num_gpus = num_gpus or cfg.plan.num_gpus or world
     if cfg.plan.ep_size < 1 or num_gpus % cfg.plan.ep_size:
         raise ValueError(
             f"plan.ep_size={cfg.plan.ep_size} must be >= 1 and divide the {num_gpus} GPUs"
         )
+    gather = requested_gather(cfg, task)
+    if task != "rl" and cfg.plan.get("model"):
+        import warnings
+
+        warnings.warn(f"plan.model has no effect for {task}: the plan sizes the model node",
+                      stacklevel=2)  # fmt: skip
     lora = lora_parameter_count(config, cfg.lora) if cfg.lora.enabled else 0
     common = dict(
-        task=task, num_gpus=cfg.plan.num_gpus or world, gpu_gb=gpu_gb,
+        task=task, num_gpus=num_gpus, gpu_gb=gpu_gb,
         stage=cfg.deepspeed.stage, offload_optimizer=cfg.deepspeed.offload_optimizer,
         offload_param=cfg.deepspeed.offload_param, lora_params=lora, ep_size=cfg.plan.ep_size,
         micro_batch_size=cfg.micro_batch_size,
         activation_checkpointing=cfg.activation_checkpointing,
         attention="sdpa" if cfg.attention_backend == "sdpa" else "flex",
-        act_bytes=4 if cfg.precision == "fp32" else 2, rollout_gather=cfg.plan.rollout_gather,
+        act_bytes=4 if cfg.precision == "fp32" else 2,
     )  # fmt: skip
     if task != "rl":
-        return Setup(seq_len=cfg.data.max_length, block_length=cfg.block_length, **common)
-    per_rank = max(1, cfg.rollout.prompts_per_step // common["num_gpus"])
-    length = cfg.plan.prompt_length + cfg.rollout.gen_length
-    return Setup(
-        seq_len=length, block_length=cfg.block_length or 32,
-        rollout_batch=per_rank * cfg.rollout.group_size, rollout_len=length,
-        reference_copy=cfg.conf.kl_coef > 0, **common,
-    )  # fmt: skip
+        s = Setup(seq_len=cfg.data.max_length, block_length=cfg.block_length, **common)
+    else:
+        per_rank = max(1, cfg.rollout.prompts_per_step // num_gpus)
+        length = cfg.plan.prompt_length + cfg.rollout.gen_length
+        s = Setup(
+            seq_len=length, block_length=cfg.block_length or 32,
+            rollout_batch=per_rank * cfg.rollout.group_size, rollout_len=length,
+            reference_copy=cfg.conf.kl_coef > 0, **common,
+        )  # fmt: skip
+    if gather == "auto":
+        gather = choose_gather(config, s)
+    return dataclasses.replace(s, rollout_gather=gather)
+
+
+def decode_gather(
+    cfg, config, task: str, world: int, device_type: str, gpu_gb: float | None = None
+) -> tuple[str, str]:
+    """(gather, why): how a launched run decodes under ZeRO-3 (`distributed.inference_model`),
+    for `world` processes on a `device_type` ("cuda" | "cpu") device of `gpu_gb` GB (default
+    `device_gb`; a launched run passes the smallest over its ranks, so that every rank makes
+    the same choice). RL's `rollout.gather` whole | layerwise is taken as given; `auto` (RL's
+    default; SFT and CPT, which have no key, always) is `whole` below ZeRO-3 (weights resident)
+    and on the CPU (no GPU memory to plan for), else `choose_gather` on the plan of this world
+    (`plan.num_gpus` ignored: the run is what it is). `why` names `rollout.gather` for RL and no
+    key for SFT/CPT."""
+    gather = requested_gather(cfg, task)
+    key = "rollout.gather=" if task == "rl" else ""  # SFT/CPT: no key to name
+    if gather != "auto":
+        return gather, f"{key}{gather}"
+    if cfg.deepspeed.stage < 3:
+        return "whole", f"{key}auto, below ZeRO-3 the weights are resident"
+    if device_type != "cuda":
+        return "whole", f"{key}auto on the {device_type}"
+    s = setup_from_config(cfg, config, task, world, num_gpus=world, gpu_gb=gpu_gb)
+    gather = s.rollout_gather  # choose_gather's verdict on this run's plan
+    whole_gb = 2 * parameter_groups(config)[0] / GB
+    verdict = "fits" if gather == "whole" else "does not fit"
+    return gather, (
+        f"{key}auto: model states + the whole model ({whole_gb:.1f} GB in bf16) + KV cache "
+        f"= {whole_gather_peak_gb(config, s):.1f} GB {verdict} in {s.gpu_gb:g} GB"
+    )
 
 
 def print_plan(cfg, config, task: str, world: int) -> bool:
@@ -400,51 +490,79 @@ def print_plan(cfg, config, task: str, world: int) -> bool:
     _, source = device_gb(cfg.plan)
     print(f"GPU memory {s.gpu_gb:g} GB ({source}); GPUs {s.num_gpus} "
           f"({'plan.num_gpus' if cfg.plan.num_gpus else 'WORLD_SIZE'})")  # fmt: skip
+    if s.stage >= 3 or s.offload_param:
+        asked = requested_gather(cfg, task)
+        how = f"auto -> {s.rollout_gather}" if asked == "auto" else asked
+        if task == "rl":
+            print(f"rollout.gather={how} (under ZeRO-3: rollouts, held-out reward, smoke samples)")
+        else:  # no key: SFT/CPT always decode with auto
+            print(f"decoding under ZeRO-3 (smoke samples, held-out check, in-process lm-eval): "
+                  f"{how} gather")  # fmt: skip
     for line in format_plan(config, s, lora_parameter_count(config, cfg.lora)):
         print(line)
     return math.isfinite(s.gpu_gb) and estimate(config, s).fits
+
+
+def rl_model_config(cfg):
+    """The LLaDA2MoeConfig an RL plan sizes: `plan.model` (conf/model/NAME.yaml, e.g. `flash`:
+    a dry run before the weights are on disk) when set, else `init_from`'s config.json (a
+    model dir, checkpoint or run dir). Raises ValueError when neither names one, or when
+    plan.model names no file of conf/model."""
+    import os
+
+    from omegaconf import OmegaConf
+
+    from llada_train import CONF_DIR
+    from llada_train.model.build import model_config_from_node
+
+    if cfg.plan.model:
+        path = os.path.join(CONF_DIR, "model", f"{cfg.plan.model}.yaml")
+        if not os.path.isfile(path):
+            names = sorted(f[:-5] for f in os.listdir(os.path.join(CONF_DIR, "model")))
+            raise ValueError(f"plan.model={cfg.plan.model}: no conf/model file; choose {names}")
+        return model_config_from_node(OmegaConf.load(path))
+    init_from = OmegaConf.select(cfg, "init_from", throw_on_missing=False)
+    if not init_from:
+        raise ValueError(
+            "name the model with plan.model=NAME (conf/model/NAME.yaml) or init_from=DIR"
+        )
+    from llada_train.checkpoint import resolve_model_dir
+    from llada_train.model.config import LLaDA2MoeConfig
+
+    return LLaDA2MoeConfig.from_json(resolve_model_dir(init_from))
 
 
 # ---------------------------------------------------------------------------- command line
 def main(argv: list[str] | None = None) -> None:
     """`python -m llada_train.memory_plan ENTRY [overrides ...]`: the plan alone, for
     ENTRY = sft | cpt | rl composed as the entry point composes it (same overrides). The RL
-    schema has no model node: name the model with `model=NAME` (conf/model/NAME.yaml) or
-    `init_from=DIR` (its config.json)."""
+    schema has no model node: name the model with `model=NAME` (= `plan.model=NAME`,
+    conf/model/NAME.yaml) or `init_from=DIR` (its config.json)."""
     import sys
 
     from hydra import compose, initialize_config_dir
-    from omegaconf import OmegaConf
 
     from llada_train import CONF_DIR
     from llada_train.config import register_configs
     from llada_train.distributed import world_size_from_env
-    from llada_train.model.build import model_config_from_node, resolve_model_config
-    from llada_train.model.config import LLaDA2MoeConfig
+    from llada_train.model.build import resolve_model_config
 
     args = list(sys.argv[1:] if argv is None else argv)
     if not args or args[0] not in ("sft", "cpt", "rl"):
         raise SystemExit("usage: python -m llada_train.memory_plan sft|cpt|rl [key=value ...]")
     entry, overrides = args[0], args[1:]
-    model_name = None
-    if entry == "rl":
-        model_name = next((o.split("=", 1)[1] for o in overrides if o.startswith("model=")), None)
-        overrides = [o for o in overrides if not o.startswith("model=")]
+    if entry == "rl":  # model=NAME is the plan's model (plan.model): the RL schema has no node
+        overrides = [f"plan.{o}" if o.startswith("model=") else o for o in overrides]
     register_configs("rl" if entry == "rl" else "train")
     with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
         cfg = compose(config_name=entry, overrides=overrides)
     if entry != "rl":
         config = resolve_model_config(cfg.init_from, cfg.model)
-    elif model_name:
-        import os
-
-        config = model_config_from_node(
-            OmegaConf.load(os.path.join(CONF_DIR, "model", f"{model_name}.yaml"))
-        )
-    elif OmegaConf.select(cfg, "init_from", throw_on_missing=False):
-        config = LLaDA2MoeConfig.from_json(cfg.init_from)
     else:
-        raise SystemExit("rl: name the model with model=NAME (conf/model) or init_from=DIR")
+        try:
+            config = rl_model_config(cfg)
+        except ValueError as e:
+            raise SystemExit(f"rl: {e}") from None
     print_plan(cfg, config, entry, cfg.plan.num_gpus or world_size_from_env())
 
 

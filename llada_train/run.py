@@ -37,6 +37,9 @@ Contract (the `checkpoint`, `tracking` and resume options, honoured alike by eve
   `error: <dir> is in use by pid N on host H since T; ...` and exit status 2.
 - The expert bias of every MoE router stays fp32 whatever the weights' dtype: it only selects
   experts, and its updates are far below bf16 resolution.
+- Decoding (smoke samples, held-out checks, in-process lm-eval; RL rollouts and held-out
+  reward) goes through `run.decoding()`: under ZeRO-3 with the gather `start` resolved
+  (`rollout.gather` for RL, `auto` for SFT/CPT: `memory_plan.decode_gather`), printed once.
 """
 
 from __future__ import annotations
@@ -62,13 +65,16 @@ from llada_train.checkpoint import (
 )
 from llada_train.config import checkpoint_eval_node
 from llada_train.distributed import (
+    DecodeDesync,
     DistInfo,
+    all_reduce_min,
     all_reduce_sum,
     barrier,
     create_engine,
     deepspeed_config,
     inference_model,
     init_distributed,
+    is_partitioned,
     reset_schedule,
     resolve_precision,
 )
@@ -76,6 +82,7 @@ from llada_train.errors import EXIT_USER_ERROR, check_writable
 from llada_train.eval.watch import start_background
 from llada_train.lock import RUN_LOCK, DirLock, in_use_message, try_lock_dir
 from llada_train.lora import apply_lora, merged_official_state
+from llada_train.memory_plan import decode_gather, device_gb
 from llada_train.model.build import build_model, resolve_model_config
 from llada_train.model.card import remember_hydra_record
 from llada_train.model.config import LLaDA2MoeConfig
@@ -158,6 +165,7 @@ class Run:
     smoke_prompts: list[list[int]] | None = None  # decoded at every save
     num_nonfinite: int = 0  # steps (SFT/CPT) or updates (RL) skipped as non-finite
     consecutive_nonfinite: int = 0
+    gather: str = "whole"  # how decoding gets its weights under ZeRO-3 (resolved in `start`)
 
     @property
     def use_lora(self) -> bool:
@@ -217,6 +225,14 @@ class Run:
         self.engine = create_engine(model, ds_config, self.cfg.optim, num_steps)
         self.model = self.engine.module
         self.smoke_prompts = smoke_prompts
+        # one choice for every rank: a mixed cluster plans for its smallest GPU
+        gpu_gb = all_reduce_min(device_gb(self.cfg.plan)[0], self.info.device)
+        self.gather, why = decode_gather(
+            self.cfg, self.model_config, self.job_type, self.info.world_size,
+            self.info.device.type, gpu_gb,
+        )  # fmt: skip
+        if is_partitioned(self.model) and self.info.is_main:
+            print(f"decoding under ZeRO-3: {self.gather} gather ({why})", flush=True)
         for moe in self.model.moe_layers():  # selection-only bias stays fp32 (module docstring)
             moe.gate.expert_bias.data = moe.gate.expert_bias.data.float()
         if self.resume_path:
@@ -244,6 +260,12 @@ class Run:
         if self.resume_path and not os.path.exists(os.path.join(self.resume_path, SMOKE_FILE)):
             self._write_smoke_generation(self.resume_path, self.start_step)
         return self.engine
+
+    def decoding(self):
+        """`decoding(model, gather, engine)` of this run: the context to decode in (a
+        collective: every rank enters; under a layerwise gather no other collective may run
+        inside it)."""
+        return decoding(self.model, self.gather, self.engine)
 
     def announce(self, what: str) -> None:
         """Print (rank 0) the start-up line: `what` the loop adds, then the run's set-up."""
@@ -292,6 +314,8 @@ class Run:
         if self.eval_mode == "in_process" and (step // c.save_every) % every == 0:
             try:
                 self._evaluate(path, step)
+            except DecodeDesync:  # the ranks are out of step: training cannot go on
+                raise
             except Exception as e:  # noqa: BLE001 - evaluation must never kill training
                 if self.info.is_main:
                     print(f"[checkpoint {step}] evaluation failed: {type(e).__name__}: {e}")
@@ -332,6 +356,8 @@ class Run:
             return
         try:
             texts, stats = self._smoke_generate(prompts[: c.smoke_prompts])
+        except DecodeDesync:  # the ranks are out of step: training cannot go on
+            raise
         except Exception as e:  # noqa: BLE001 - evaluation must never kill training
             if is_main:
                 print(f"[checkpoint {step}] smoke generation failed: {type(e).__name__}: {e}")
@@ -351,14 +377,14 @@ class Run:
             )  # fmt: skip
 
     def _smoke_generate(self, prompts: list[list[int]], gen_length: int | None = None):
-        """Decode `prompts` with the shared sampler (weights gathered once under ZeRO-3) into
+        """Decode `prompts` with the shared sampler (under ZeRO-3 with the run's gather) into
         `gen_length` tokens (default checkpoint.smoke_gen_length); returns (texts, stats)."""
         s_cfg = sampler_config(self.cfg.sampler).replace(
             gen_length=gen_length or self.cfg.checkpoint.smoke_gen_length
         )
         if not self.trains_t2t:
             s_cfg = s_cfg.replace(editing_threshold=None)
-        with decoding(self.model) as whole:
+        with self.decoding() as whole:
             sampler = Sampler(whole, self.ids.mask_id, self.ids.eos_id, s_cfg, self.info.device)
             out = sampler.generate(prompts)
         texts = [self.tokenizer.decode(t, skip_special_tokens=True) for t in out.tokens]
@@ -385,8 +411,11 @@ class Run:
         return figures
 
     def _evaluate(self, path: str, step: int) -> None:
-        """lm-eval of the checkpoint on rank 0 with the weights gathered once (a collective, so
-        every rank enters); results go next to the checkpoint and to the tracker at `step`."""
+        """lm-eval of the checkpoint on rank 0 with the run's gather (a collective, so every
+        rank enters; layerwise: the other ranks run rank 0's forwards with it); results go next
+        to the checkpoint and to the tracker at `step`. Every rank meets at a barrier after the
+        decoding block, also when rank 0's evaluation raised (then re-raised there), so the
+        ranks enter the next collective together; not after a `DecodeDesync`."""
         from llada_train.eval.evaluate import evaluate_checkpoint
 
         # decoded with the block length the run trains with, unless checkpoint.eval sets one
@@ -396,13 +425,21 @@ class Run:
         )
         if not self.trains_t2t:  # as the smoke samples and held-out check: M2T only
             eval_cfg.sampler.editing_threshold = None
-        with decoding(self.model) as whole:
-            if self.info.is_main:
-                evaluate_checkpoint(
-                    path, eval_cfg, model=whole, tokenizer=self.tokenizer, step=step,
-                    tracker=self.tracker,
-                )  # fmt: skip
-            barrier()
+        failure = None
+        try:
+            with self.decoding() as whole:
+                if self.info.is_main:
+                    evaluate_checkpoint(
+                        path, eval_cfg, model=whole, tokenizer=self.tokenizer, step=step,
+                        tracker=self.tracker,
+                    )  # fmt: skip
+        except DecodeDesync:  # out of step: a barrier could pair with another collective
+            raise
+        except Exception as e:  # noqa: BLE001 - raised again below, after the barrier
+            failure = e
+        barrier()  # pass or fail, the ranks leave together (not inside a layerwise block)
+        if failure is not None:
+            raise failure
 
     def finish(self) -> None:
         if self.tracker is not None:
@@ -413,13 +450,15 @@ class Run:
 
 
 @contextlib.contextmanager
-def decoding(model: LLaDA2MoeModelLM):
-    """The model with whole weights in eval mode for a block of sampler calls (a collective:
-    every rank enters, see `distributed.inference_model`); its train/eval mode is restored."""
+def decoding(model: LLaDA2MoeModelLM, gather: str = "whole", engine=None):
+    """The model in eval mode for a block of sampler calls, its weights as `gather` says under
+    ZeRO-3 (whole | layerwise; a collective: every rank enters, see
+    `distributed.inference_model`, which raises ValueError for another value); its train/eval
+    mode is restored."""
     was_training = model.training
     model.eval()
     try:
-        with inference_model(model) as whole:
+        with inference_model(model, gather, engine) as whole:
             yield whole
     finally:
         model.train(was_training)

@@ -36,7 +36,8 @@ REFERENCE = os.path.join(os.path.dirname(__file__), "data", "reference")
 
 def saved_bytes(model, input_ids, mask, positions, logits_slice, targets, supervised):
     """Bytes of the distinct storages autograd saves for backward during forward + loss,
-    parameters and buffers excluded; also the dispatch padding of the CPU grouped matmul."""
+    parameters and buffers excluded. The CPU grouped matmul runs one matmul per expert
+    (`modeling.per_group_mm`), so there is no dispatch padding to account for."""
     own = {t.untyped_storage().data_ptr() for t in [*model.parameters(), *model.buffers()]}
     seen: dict[int, int] = {}
 
@@ -52,11 +53,7 @@ def saved_bytes(model, input_ids, mask, positions, logits_slice, targets, superv
         idx = supervised.nonzero(as_tuple=True)
         loss = F.cross_entropy(logits[idx].float(), targets[idx], reduction="sum")
     loss.backward()
-    pads = []
-    for moe in model.moe_layers():
-        load = moe.last_expert_load
-        pads.append(moe.num_experts * int(load.max()) / int(load.sum()))  # (E x cap) / (T x K)
-    return sum(seen.values()), sum(pads) / len(pads)
+    return sum(seen.values())
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -72,11 +69,11 @@ def test_activation_formula_matches_saved_tensors(rows, seq_len, dtype):
     xt = torch.where(torch.rand(rows, seq_len) < 0.5, 101, x0)
     input_ids, mask, positions, sl = training_inputs(xt, x0, block)
     supervised = xt == 101
-    measured, padding = saved_bytes(model, input_ids, mask, positions, sl, x0, supervised)
+    measured = saved_bytes(model, input_ids, mask, positions, sl, x0, supervised)
     a = 2 if dtype == torch.bfloat16 else 4
     share = supervised.float().mean().item()
     formula = (
-        activation_bytes(config, rows, seq_len, block, a, dispatch_padding=padding)
+        activation_bytes(config, rows, seq_len, block, a)
         + attention_mask_bytes(config, 1, 2 * seq_len)
         + saved_logits_bytes(config, rows, seq_len, 2 * seq_len, a, share)
     )
@@ -146,8 +143,119 @@ def test_mini_sft_dry_run_prints_the_plan_for_the_world_size():
 
 
 def test_rl_plan_of_flash_says_what_to_change(capsys):
-    main(["rl", "model=flash", "deepspeed=zero3", "plan.num_gpus=8", "plan.gpu_gb=80"])
+    main(["rl", "model=flash", "deepspeed=zero3", "rollout.gather=whole", "plan.num_gpus=8",
+          "plan.gpu_gb=80"])  # fmt: skip
     out = capsys.readouterr().out
-    assert "rollout extra (whole gather + KV cache)" in out
+    assert "rollout (whole: whole model + KV cache + logits)" in out
     assert "what to change:" in out and "deepspeed=zero3_offload" in out
+    assert "layerwise rollout gather (rollout.gather=layerwise)" in out
     assert out.strip().splitlines()[-1].endswith("on 8 x 80 GB: does not fit")
+
+
+def test_auto_gather_is_whole_where_the_whole_model_fits():
+    """rollout.gather=auto: mini's whole bf16 model (32.5 GB) fits beside its ZeRO-3 states on
+    8 x 80 GB, flash's (206 GB) fits no GPU; below ZeRO-3 nothing is gathered; a launched run
+    on the CPU always decodes whole (no GPU memory to plan for)."""
+    from llada_train.config import register_configs
+    from llada_train.memory_plan import decode_gather, rl_model_config, setup_from_config
+
+    register_configs("rl")
+    from hydra import compose, initialize_config_dir
+
+    from llada_train import CONF_DIR
+
+    def rl(*overrides):
+        with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+            cfg = compose(config_name="rl", overrides=["plan.gpu_gb=80", *overrides])
+        return cfg, rl_model_config(cfg)
+
+    cfg, mini = rl("plan.model=mini", "deepspeed=zero3", "activation_checkpointing=true")
+    assert setup_from_config(cfg, mini, "rl", 8).rollout_gather == "whole"
+    assert decode_gather(cfg, mini, "rl", 8, "cuda")[0] == "whole"
+    assert decode_gather(cfg, mini, "rl", 8, "cpu") == ("whole", "rollout.gather=auto on the cpu")
+    cfg, flash = rl("plan.model=flash", "deepspeed=zero3")
+    assert setup_from_config(cfg, flash, "rl", 32).rollout_gather == "layerwise"
+    gather, why = decode_gather(cfg, flash, "rl", 32, "cuda")
+    assert gather == "layerwise" and why.startswith("rollout.gather=auto: "), why
+    assert "205.8 GB in bf16) + KV cache = " in why and "does not fit in 80 GB" in why, why
+    # a launched run passes the smallest GPU of its ranks: 40 GB is too small for mini's whole
+    cfg, mini = rl("plan.model=mini", "deepspeed=zero3")
+    assert decode_gather(cfg, mini, "rl", 8, "cuda", gpu_gb=40.0)[0] == "layerwise"
+    cfg, flash = rl("plan.model=flash", "deepspeed=zero2")
+    assert setup_from_config(cfg, flash, "rl", 32).rollout_gather == "whole"  # resident
+    cfg, flash = rl("plan.model=flash", "deepspeed=zero3", "rollout.gather=whole")
+    assert decode_gather(cfg, flash, "rl", 32, "cuda") == ("whole", "rollout.gather=whole")
+
+
+def test_auto_gather_ignores_training_activations():
+    """Training and decoding are never live together: mini SFT on 8 x 80 GB without
+    activation checkpointing (a training plan that does not fit) still decodes whole, because
+    model states (32.5 GB) + the whole model (32.5 GB) + one block's KV cache and logits + 3 GB
+    fit in 80 GB. SFT has no gather key: the reason names none."""
+    from hydra import compose, initialize_config_dir
+
+    from llada_train import CONF_DIR
+    from llada_train.config import register_configs
+    from llada_train.memory_plan import decode_gather, setup_from_config, whole_gather_peak_gb
+    from llada_train.model.build import resolve_model_config
+
+    register_configs("train")
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        cfg = compose(config_name="sft", overrides=["+recipe=mini", "plan.gpu_gb=80",
+                                                     "activation_checkpointing=false"])  # fmt: skip
+    config = resolve_model_config(cfg.init_from, cfg.model)
+    s = setup_from_config(cfg, config, "sft", 8)
+    assert not estimate(config, s).fits  # the training plan does not fit without checkpointing
+    assert s.rollout_gather == "whole"
+    states_gb = 16 * config.num_parameters()[0] / 8 / GB
+    kv = 1 * 32 * config.num_hidden_layers * 2 * config.num_key_value_heads * config.head_dim * 2
+    logits = 2 * 1 * 32 * config.vocab_size * 4
+    expected = states_gb + (2 * config.num_parameters()[0] + kv + logits) / GB + 3.0
+    assert whole_gather_peak_gb(config, s) == pytest.approx(expected)  # ~68.4 GB
+    gather, why = decode_gather(cfg, config, "sft", 8, "cuda")
+    assert gather == "whole" and why.startswith("auto: model states + the whole model"), why
+    assert "=" not in why.split(":")[0] and "decoding=" not in why  # no key SFT cannot set
+    assert decode_gather(cfg, config, "sft", 8, "cpu") == ("whole", "auto on the cpu")
+
+
+def test_layerwise_rollout_counts_the_working_set_once():
+    """Training and decoding are not live together: peak = states + max(working set +
+    activations + logits, rollout), and a layerwise rollout's weights are that working set."""
+    config = LLaDA2MoeConfig.from_json(os.path.join(REFERENCE, "llada2_mini_config.json"))
+    s = Setup(task="rl", num_gpus=8, gpu_gb=80, stage=3, offload_optimizer=False,
+              offload_param=False, lora_params=0, ep_size=1, micro_batch_size=8, seq_len=320,
+              block_length=32, activation_checkpointing=True, rollout_batch=8, rollout_len=320,
+              rollout_gather="layerwise")  # fmt: skip
+    _, _, largest = parameter_groups(config)
+    working = 2 * 2 * largest  # bf16 weights of the current and the prefetched module
+    # KV cache: 8 x 320 positions x 20 layers x (K, V) x 4 heads x 128 x 2 B; one block's fp32
+    # logits twice: 2 x 8 x 32 x 157184 x 4 B
+    kv = 8 * 320 * 20 * 2 * 4 * 128 * 2
+    logits = 2 * 8 * 32 * 157184 * 4
+    p = estimate(config, s)
+    assert p.rollout_gb == pytest.approx((working + kv + logits) / GB)
+    whole = estimate(config, dataclasses.replace(s, rollout_gather="whole"))
+    assert whole.rollout_gb == pytest.approx((2 * config.num_parameters()[0] + kv + logits) / GB)
+    assert whole.peak_gb == pytest.approx(whole.states_gb + whole.rollout_gb + 3.0)
+    assert p.peak_gb == pytest.approx(p.states_gb + max(working / GB + p.activations_gb,
+                                                        p.rollout_gb) + 3.0)  # fmt: skip
+
+
+def test_rl_dry_run_of_the_flash_recipe_prints_the_plan():
+    """`python -m llada_train.rl conf=ebpo +recipe=flash dry_run=true`: no init_from, no
+    weights (flash in fp32 would be 412 GB; the model is built on the meta device), the
+    layerwise rollout chosen by auto, and the verdict line last."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "llada_train.rl", "conf=ebpo", "+recipe=flash", "dry_run=true",
+         "plan.num_gpus=8", "plan.gpu_gb=80"],
+        capture_output=True, text=True, timeout=300, env=env,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = proc.stdout
+    assert "[dry run] rl: model built on the meta device" in out
+    assert "rollout.gather=auto -> layerwise" in out
+    assert '"stage3_prefetch_bucket_size": 3300000000' in out  # the recipe's nested override
+    assert '"stage": 3' in out  # ... merged into, not replacing, the zero_optimization block
+    last = out.strip().splitlines()[-1]
+    assert re.fullmatch(r"memory plan: peak [\d.]+ GB per GPU on 8 x 80 GB: fits", last), last

@@ -3,6 +3,7 @@
 Config: conf/rl.yaml over the RLConfig schema (llada_train/config.py); the `conf` group
 (conf/rl/{ebpo,grpo}.yaml) picks the objective; `+recipe=NAME` reads recipes/rl/NAME.yaml.
 The loop is llada_train/rl/loop.py; `torchrun` runs the same loop on several processes.
+`dry_run=true` prints the model's sizes, the DeepSpeed config and the memory plan, and exits.
 """
 
 import hydra

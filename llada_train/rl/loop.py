@@ -3,8 +3,9 @@
 Reads top to bottom, one rollout batch per step:
     this rank's prompts of the step (a seeded order, P prompts per step, P / W per rank; all G
     completions of a prompt stay on one rank)
-    rollouts with the shared sampler at temperature > 0 (weights gathered once under ZeRO-3); a
-    share of the groups decodes M2T+T2T ("dual mode"), the rest M2T only
+    rollouts with the shared sampler at temperature > 0 (under ZeRO-3 with `rollout.gather`:
+    the whole model gathered once, or layerwise with the ranks in lock-step); a share of the
+    groups decodes M2T+T2T ("dual mode"), the rest M2T only
     rewards (plain functions by name; a failing reward scores 0 and is counted)
     with rollout.max_rounds > 1 (DAPO dynamic sampling), more rounds of fresh prompts until the
     batch is full of groups with reward variance (`collect_rollouts`)
@@ -15,6 +16,7 @@ Reads top to bottom, one rollout batch per step:
     log; held-out reward every `eval_every` steps; atomic checkpoint + HF export
 Randomness is a function of (seed, step, rank, round), so a resumed run repeats an uninterrupted
 one (given deterministic rewards: a code reward that times out can change which groups are kept).
+`dry_run=true` prints the sizes, the DeepSpeed config and the memory plan, and exits (`dry_run`).
 """
 
 from __future__ import annotations
@@ -36,6 +38,8 @@ from llada_train.data.pipeline import epoch_order
 from llada_train.distributed import (
     all_reduce_sum,
     all_reduce_sums,
+    deepspeed_config,
+    resolve_precision,
     world_size_from_env,
 )
 from llada_train.elbo import elbo_noise, elbo_terms, level_weights, sequence_log_ratio, stack_t
@@ -45,7 +49,7 @@ from llada_train.model.io import training_default
 from llada_train.rl.advantages import group_advantages, has_signal
 from llada_train.rl.objectives import OBJECTIVES, loss_count
 from llada_train.rl.rewards import check_record, score_batch
-from llada_train.run import decoding, open_run
+from llada_train.run import open_run
 from llada_train.sampler import Sampler, warn_untrained_editing
 from llada_train.tokenizer import encode_prompt
 
@@ -261,10 +265,13 @@ def build_sequences(prompts, completions, eos_id: int, block_length: int, device
     return x0.to(device), response_mask.to(device)
 
 
-def held_out_reward(
+def held_out_sums(
     model, ids, tokenizer, s_cfg, records, info, gen_length: int, workers: int
-) -> float:
-    """Mean reward of greedy (temperature 0) decoding of the held-out prompts, all ranks."""
+) -> torch.Tensor:
+    """(sum of rewards, number of prompts) (2,) float64 of greedy (temperature 0) decoding of
+    this rank's share of the held-out prompts (every world_size-th from its rank). No
+    collective: the caller all-reduces after its decoding block (a layerwise block admits no
+    other collective); the held-out reward is sum / count over all ranks."""
     mine = records[info.rank :: info.world_size]
     total = torch.zeros(2, dtype=torch.float64, device=info.device)
     if mine:
@@ -275,8 +282,7 @@ def held_out_reward(
         texts = [tokenizer.decode(t, skip_special_tokens=True) for t in out.tokens]
         values, _ = score_batch([r["reward"] for r in mine], texts, mine, max_workers=workers)
         total += torch.tensor([sum(values), len(values)], dtype=torch.float64, device=info.device)
-    all_reduce_sum(total)
-    return float(total[0] / total[1].clamp_min(1))
+    return total
 
 
 # ---------------------------------------------------------------------------- the loop
@@ -316,11 +322,56 @@ def check_rl_config(cfg: DictConfig, world_size: int) -> tuple[int, int]:
     return per_rank, sequences // cfg.micro_batch_size
 
 
+def dry_run(cfg: DictConfig) -> None:
+    """`dry_run=true`: build the model on the meta device (no weights), print its sizes, the
+    DeepSpeed config and the memory plan (`memory_plan.print_plan`, with `rollout.gather`
+    resolved) for `plan.num_gpus` or WORLD_SIZE processes, and return. The model comes from
+    `plan.model` (conf/model/NAME.yaml; the flash RL recipe sets it) or init_from's
+    config.json; no tokenizer or data is read. Raises ValueError as `check_rl_config` does, or
+    when no model is named (`memory_plan.rl_model_config`)."""
+    from omegaconf import OmegaConf
+
+    from llada_train.memory_plan import print_plan, rl_model_config
+    from llada_train.model.modeling import LLaDA2MoeModelLM
+
+    config = rl_model_config(cfg)
+    init_from = OmegaConf.select(cfg, "init_from", throw_on_missing=False)
+    model_dir = resolve_model_dir(init_from) if init_from and not cfg.plan.model else None
+    cfg.block_length = training_default("block_length", cfg.block_length, model_dir, 32)
+    world = cfg.plan.num_gpus or world_size_from_env()
+    _, accumulation = check_rl_config(cfg, world)
+    with torch.device("meta"):
+        model = LLaDA2MoeModelLM(config)
+    total, active = config.num_parameters()
+    assert sum(p.numel() for p in model.parameters()) == total
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    ds = deepspeed_config(
+        cfg.deepspeed, cfg.optim, cfg.micro_batch_size, accumulation, world,
+        resolve_precision(cfg.precision, device),
+    )  # fmt: skip
+    print("[dry run] rl: model built on the meta device (no weights allocated)")
+    print(f"total parameters:  {total:,} ({total / 1e9:.2f}B)")
+    print(f"active per token:  {active:,} ({active / 1e9:.2f}B)")
+    print(f"layers {config.num_hidden_layers}, experts {config.num_experts} "
+          f"top-{config.num_experts_per_tok}")  # fmt: skip
+    print("resolved DeepSpeed config:")
+    print(json.dumps(ds, indent=2))
+    print_plan(cfg, config, "rl", world)
+
+
 def rl_train(cfg: DictConfig) -> str:
     """Run EBPO/GRPO as configured; returns the output directory. Bad input (config keys and
     values, prompt files, init_from files, an unwritable output_dir) fails with a ValueError
-    before the model is built."""
+    before the model is built. `dry_run=true` prints the plan instead (`dry_run`)."""
     check_known_keys(cfg)
+    if cfg.dry_run:
+        dry_run(cfg)
+        return cfg.output_dir
+    if not cfg.init_from:  # a recipe of a released model leaves it to the command line
+        raise ValueError(
+            "init_from is not set: pass init_from=/path/to/model (an SFT run, a checkpoint or an "
+            "HF-format LLaDA2.x directory with config.json, safetensors and tokenizer)"
+        )
     cfg.init_from = resolve_model_dir(cfg.init_from)
     cfg.block_length = training_default("block_length", cfg.block_length, cfg.init_from, 32)
     per_rank, accumulation = check_rl_config(cfg, world_size_from_env())
@@ -365,11 +416,13 @@ def rl_train(cfg: DictConfig) -> str:
     def evaluate(step: int) -> None:
         if not eval_records:
             return
-        with decoding(model) as whole:
-            value = held_out_reward(
+        with run.decoding() as whole:
+            total = held_out_sums(
                 whole, ids, tokenizer, base_sampler, eval_records, info, cfg.rollout.gen_length,
                 cfg.rollout.reward_workers,
             )  # fmt: skip
+        all_reduce_sum(total)
+        value = float(total[0] / total[1].clamp_min(1))
         run.tracker.log({"eval/reward": value}, step=step)
         if info.is_main:
             print(f"[step {step}] held-out reward {value:.4f}", flush=True)
@@ -383,7 +436,7 @@ def rl_train(cfg: DictConfig) -> str:
         t0 = time.perf_counter()
         # ---- rollouts (this rank's prompts, all G completions of each; DAPO dynamic sampling)
         group = cfg.rollout.group_size
-        with decoding(model) as whole:
+        with run.decoding() as whole:
             batch = collect_rollouts(
                 whole, ids, tokenizer, base_sampler, train_records, cfg, step, info.rank,
                 per_rank, info.device,
