@@ -124,8 +124,10 @@ def run_variant(cmds: list[list[str]], log_path: str) -> subprocess.Popen:
     )
 
 
-def summarize(out: str, goal: float) -> dict:
-    """Per-variant figures from the runs' metrics.jsonl files."""
+def summarize(out: str, goal: float, max_steps: int | None = None) -> dict:
+    """Per-variant figures from the runs' metrics.jsonl files. A variant whose last logged step
+    is below `max_steps` is still running (or was stopped): it is listed, marked unfinished, and
+    left out of the end and first-step figures."""
     runs_dir = os.path.join(out, "runs")
     variants = {}
     for name in sorted(os.listdir(runs_dir)) if os.path.isdir(runs_dir) else []:
@@ -141,6 +143,8 @@ def summarize(out: str, goal: float) -> dict:
             "end": checks[-1][1] if checks else None,
             "end_step": checks[-1][0] if checks else None,
             "losses_first10": losses[:10],
+            "last_step": rows[-1]["step"] if rows else 0,
+            "finished": bool(rows) and (max_steps is None or rows[-1]["step"] >= max_steps),
         }
     return variants
 
@@ -165,15 +169,24 @@ def loss_differences(variants: dict) -> dict[str, float]:
     return out
 
 
+def invocations(out: str) -> list[str]:
+    """The harness command lines that started the variants under `out` (in first-use order);
+    the current command when none was recorded."""
+    path = os.path.join(out, "runs", "invocations.json")
+    recorded = json.load(open(path)) if os.path.exists(path) else {}
+    lines = list(dict.fromkeys(recorded.values()))
+    return lines or [" ".join(["python scripts/robustness.py", *sys.argv[1:]])]
+
+
 def report(args, variants: dict, wall: dict) -> str:
     diffs = loss_differences(variants)
     steps = sorted({s for v in variants.values() for s, _ in v["checks"]})
     lines = [
         f"# Robustness: `{args.recipe}` ({args.path} path), seeds x perturbations",
         "",
-        "Command:",
+        "Commands that ran the variants below:",
         "",
-        "    " + " ".join(["python scripts/robustness.py", *sys.argv[1:]]),
+        *(f"    {c}" for c in invocations(args.out)),
         "",
         f"Held-out exact match (first {args.questions} held-out chats, greedy, Quality preset) "
         f"at each check; goal >= {args.goal:g}.",
@@ -191,9 +204,12 @@ def report(args, variants: dict, wall: dict) -> str:
         end = "-" if v["end"] is None else f"{v['end']:.3f}"
         minutes = "-" if w is None else f"{w / 60:.1f}"
         first = v["first_step_at_goal"] or "never"
+        if not v["finished"]:
+            first, end = f"unfinished (step {v['last_step']})", "-"
         lines.append(f"| {name} | {' | '.join(cells)} | {first} | {end} | {diff_s} | {minutes} |")
-    ends = [v["end"] for v in variants.values() if v["end"] is not None]
-    firsts = [v["first_step_at_goal"] for v in variants.values()]
+    done = [v for v in variants.values() if v["finished"]]
+    ends = [v["end"] for v in done if v["end"] is not None]
+    firsts = [v["first_step_at_goal"] for v in done]
     if ends:
         lines += [
             "",
@@ -238,6 +254,10 @@ def main() -> None:
                 cmds = variant_commands(args, seed, pert)
                 log = os.path.join(args.out, "runs", f"{name}.log")
                 running[name] = (run_variant(cmds, log), time.time())
+                inv_path = os.path.join(args.out, "runs", "invocations.json")
+                inv = json.load(open(inv_path)) if os.path.exists(inv_path) else {}
+                inv[name] = " ".join(["python scripts/robustness.py", *sys.argv[1:]])
+                json.dump(inv, open(inv_path, "w"), indent=1)
                 print(f"started {name}", flush=True)
             time.sleep(5)
             for name, (proc, t0) in list(running.items()):
@@ -251,7 +271,9 @@ def main() -> None:
                     del running[name]
         if failed:
             print(f"failed variants: {failed} (see their .log files)", file=sys.stderr)
-    variants = summarize(args.out, args.goal)
+    given = [o.split("=", 1)[1] for o in args.overrides if o.startswith("max_steps=")]
+    max_steps = int(given[-1]) if given else int(recipe_value(args.recipe, "max_steps"))
+    variants = summarize(args.out, args.goal, max_steps)
     text = report(args, variants, wall)
     with open(os.path.join(args.out, "README.md"), "w") as f:
         f.write(text)

@@ -199,6 +199,10 @@ def test_robustness_summary_first_step_end_and_loss_differences(tmp_path):
     diffs = robustness.loss_differences(variants)
     assert list(diffs) == ["seed0_split"]  # the reference itself has no difference
     assert diffs["seed0_split"] == pytest.approx(1e-6, rel=1e-3)
+    # a variant whose last step is below max_steps is unfinished: listed, not counted
+    partial = robustness.summarize(str(tmp_path), goal=0.9, max_steps=400)
+    assert not partial["seed0_none"]["finished"] and partial["seed0_none"]["last_step"] == 300
+    assert robustness.summarize(str(tmp_path), goal=0.9, max_steps=300)["seed0_none"]["finished"]
 
 
 def test_robustness_perturbations_override_the_right_keys():
