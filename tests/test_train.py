@@ -257,7 +257,7 @@ def test_every_checkpoint_is_evaluated_in_the_background_by_default(tmp_path):
     assert "2 evaluated, 0 failed" in log
 
 
-@pytest.mark.parametrize(("entry", "micro", "steps"), [("sft", 32, 1500), ("cpt", 16, 100)])
+@pytest.mark.parametrize(("entry", "micro", "steps"), [("sft", 32, 1200), ("cpt", 16, 100)])
 def test_cpt_recipe_is_merged_over_the_shared_one(entry, micro, steps):
     """recipes/cpt/tiny.yaml overrides the batch and step counts of recipes/tiny.yaml for the
     cpt entry only; everything else (model, block length, lr) comes from the shared recipe."""
