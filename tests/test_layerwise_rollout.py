@@ -525,6 +525,17 @@ def test_killed_rank_ends_the_job_in_seconds(tmp_path):
     assert "DecodeDesync" in out, out[-3000:]  # it failed inside the rollout, as it should
 
 
+def _fresh_tiny_policy(tmp_path):
+    """(env, dir) of a fresh tiny HF-format model for the RL entry-point runs below."""
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
+    policy = tmp_path / "policy"
+    subprocess.run(
+        [sys.executable, "-m", "llada_train.model.init", "model=tiny", f"out={policy}"],
+        check=True, capture_output=True, env=env, timeout=300,
+    )  # fmt: skip
+    return env, policy
+
+
 @pytest.mark.slow
 def test_rl_entry_layerwise_equals_whole(tmp_path):
     """The RL entry point, 2 processes, ZeRO-3 from an init_from export: rollout.gather=layerwise
@@ -535,12 +546,7 @@ def test_rl_entry_layerwise_equals_whole(tmp_path):
     -m slow`."""
     from llada_train.tracking import read_metrics
 
-    env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
-    policy = tmp_path / "policy"
-    subprocess.run(
-        [sys.executable, "-m", "llada_train.model.init", "model=tiny", f"out={policy}"],
-        check=True, capture_output=True, env=env, timeout=300,
-    )  # fmt: skip
+    env, policy = _fresh_tiny_policy(tmp_path)
     metrics, evals, smoke = {}, {}, {}
     for gather in ("whole", "layerwise"):
         out = tmp_path / gather
@@ -581,12 +587,7 @@ def test_rl_entry_survives_an_evaluation_failing_on_rank_0(tmp_path):
     any forward (lm-eval's task lookup), the other rank serves nothing and waits; both meet at
     the barrier after the decoding block, decode the smoke sample together and train on.
     ~1.5 minutes on 2 busy cores: `python -m pytest tests/test_layerwise_rollout.py -m slow`."""
-    env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
-    policy = tmp_path / "policy"
-    subprocess.run(
-        [sys.executable, "-m", "llada_train.model.init", "model=tiny", f"out={policy}"],
-        check=True, capture_output=True, env=env, timeout=300,
-    )  # fmt: skip
+    env, policy = _fresh_tiny_policy(tmp_path)
     out = tmp_path / "run"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
            "--master_port", str(_free_port()), "-m", "llada_train.rl", "conf=ebpo",
