@@ -160,10 +160,20 @@ class OptimConfig:
 
 
 @dataclass
+class ExpertParallelConfig:
+    """DeepSpeed AutoEP (docs/scale.md, 'Expert parallelism'): the router mapping is filled in
+    from the model config by `distributed.autoep_block`; other AutoEP keys (e.g. comm_backend)
+    go under `deepspeed.overrides.expert_parallel`."""
+
+    autoep_size: int = 0  # 0 = off; N >= 1: routed experts split over groups of N ranks
+
+
+@dataclass
 class DeepSpeedConfig:
     stage: int = 0  # ZeRO stage 0 / 1 / 2 / 3
     offload_optimizer: bool = False  # ZeRO-Offload of optimizer states to CPU (stage >= 1)
     offload_param: bool = False  # parameters to CPU (stage 3)
+    expert_parallel: ExpertParallelConfig = field(default_factory=ExpertParallelConfig)
     overrides: dict[str, Any] = field(default_factory=dict)  # merged into the DeepSpeed json
 
 
@@ -227,7 +237,9 @@ class PlanConfig:
 
     gpu_gb: float | None = None  # GPU memory in GB; None = the CUDA device's, else 80
     num_gpus: int | None = None  # GPUs of the planned run; None = WORLD_SIZE of this process
-    ep_size: int = 1  # expert-parallel degree to plan for (routed experts split E ways)
+    # expert-parallel degree to plan for (routed experts split E ways); None = the run's own
+    # deepspeed.expert_parallel.autoep_size (1 when AutoEP is off)
+    ep_size: int | None = None
     prompt_length: int = 256  # RL: prompt tokens per rollout sequence (+ rollout.gen_length)
     # RL: the conf/model NAME the plan sizes (a dry run before init_from's weights are on disk);
     # null = init_from's config.json. SFT/CPT size their `model` node.
@@ -411,13 +423,14 @@ def check_run(cfg: Any) -> SamplerConfig:
     """The launch checks every training loop (SFT, CPT, RL) shares, before any work: attention
     backend, `deepspeed.*`, `lora.*`, the schedule ratios of `optim.*`, and the sampler
     (`check_sampler`, returned). ValueError naming the key to change."""
-    from llada_train.distributed import check_deepspeed
+    from llada_train.distributed import check_deepspeed, check_expert_parallel
     from llada_train.lora import check_lora
     from llada_train.model.attention import BACKENDS
 
     if cfg.attention_backend not in BACKENDS:
         raise ValueError(f"attention_backend={cfg.attention_backend!r}: choose one of {BACKENDS}")
     check_deepspeed(cfg.deepspeed)
+    check_expert_parallel(cfg)
     check_lora(cfg.lora, cfg.deepspeed.stage)
     o = cfg.optim
     for key in ("warmup_ratio", "min_lr_ratio", "decay_ratio"):

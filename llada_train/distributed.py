@@ -7,6 +7,13 @@ Contract:
 - `deepspeed_config(...)` is the one place the DeepSpeed json is produced from our typed config.
 - `create_engine(...)`: a real DeepSpeed engine (ZeRO 0-3, optional CPU offload) over the model,
   AdamW with decoupled weight decay on matrices only, and a step-indexed LR schedule.
+- Expert parallelism is DeepSpeed AutoEP (`deepspeed.expert_parallel.autoep_size=N`):
+  `deepspeed_config` opens the `expert_parallel` block, `create_engine` fills in the routing
+  map from the model config (`autoep_block`), carries each router's bias as the frozen
+  parameter AutoEP copies (`Router.carry_bias_as_parameter`) and, after AutoEP has swapped the
+  MoE blocks, checks the bias came through and gives the new blocks our interface
+  (`adapt_autoep_layers`). `gather_experts` reassembles the routed experts of an EP group for
+  the HF export (model/io.py), which stays in the official per-expert layout.
 - `inference_model(model, gather, engine)`: the model for a block of decoding. Below ZeRO-3 the
   model itself. Under ZeRO-3, `gather="whole"`: whole weights on every rank (a hook-free twin
   over the gathered tensors), so ranks may take different numbers of sampler forwards;
@@ -140,6 +147,256 @@ def check_deepspeed(ds_cfg) -> None:
         raise ValueError("deepspeed.offload_param needs deepspeed.stage=3")
     if ds_cfg.offload_optimizer and ds_cfg.stage == 0:
         raise ValueError("deepspeed.offload_optimizer needs deepspeed.stage >= 1")
+    check_autoep_settings(ds_cfg)
+
+
+# ---------------------------------------------------------------------------- expert parallelism
+# Keys of DeepSpeed's `expert_parallel` block that define the routing math: `autoep_block` sets
+# them from the model config, so an override could only make AutoEP compute another function.
+AUTOEP_MAPPED_KEYS = (
+    "enabled", "autoep_size", "preset_model", "num_experts_attr", "top_k_attr", "top_k",
+    "score_func", "score_apply", "route_norm", "route_scale", "routed_scaling_factor",
+    "num_expert_groups", "num_limited_groups", "expert_activation", "has_shared_experts",
+    "moe_layer_pattern", "router_pattern", "expert_pattern", "expert_w1", "expert_w2",
+    "expert_w3", "shared_experts_pattern",
+)  # fmt: skip
+
+
+def autoep_size(ds_cfg) -> int:
+    """The AutoEP degree of a `deepspeed` node: 0 when expert parallelism is off."""
+    ep = getattr(ds_cfg, "expert_parallel", None)  # a dataclass or a DictConfig node
+    return int(getattr(ep, "autoep_size", 0)) if ep is not None else 0
+
+
+def _ep_overrides(ds_cfg) -> dict:
+    overrides = getattr(ds_cfg, "overrides", None) or {}
+    block = overrides.get("expert_parallel") or {}
+    if not isinstance(block, dict):
+        from omegaconf import OmegaConf
+
+        block = OmegaConf.to_container(block, resolve=True)
+    return dict(block)
+
+
+def check_autoep_settings(ds_cfg) -> None:
+    """ValueError naming the `deepspeed.*` key for an AutoEP setting we cannot honour.
+
+    - `deepspeed.expert_parallel.autoep_size` must be >= 0 (0 = off).
+    - `deepspeed.overrides.expert_parallel.load_balance_coeff`: AutoEP 0.19.8 rejects any
+      non-null value (`auto_ep_presets/base.py: _raise_unsupported_load_balance_coeff`); its job
+      (a dynamic selection bias) is done by our own aux-loss-free rule, `moe.bias_update_rate`.
+    - a routing key of `AUTOEP_MAPPED_KEYS` under `deepspeed.overrides.expert_parallel`: they
+      are set from the model config (`autoep_block`).
+    - any `deepspeed.overrides.expert_parallel` block while autoep_size is 0.
+    """
+    size = autoep_size(ds_cfg)
+    if size < 0:
+        raise ValueError(
+            f"deepspeed.expert_parallel.autoep_size={size}: use 0 (off) or the number of ranks "
+            "that split the routed experts"
+        )
+    block = _ep_overrides(ds_cfg)
+    if block.get("load_balance_coeff") is not None:
+        raise ValueError(
+            f"deepspeed.overrides.expert_parallel.load_balance_coeff="
+            f"{block['load_balance_coeff']}: DeepSpeed AutoEP rejects a dynamic load-balance "
+            "coefficient; remove the key (expert load is balanced by llada_train's own "
+            "aux-loss-free bias rule, moe.bias_update_rate)"
+        )
+    mapped = sorted(k for k in block if k in AUTOEP_MAPPED_KEYS)
+    if mapped:
+        raise ValueError(
+            f"deepspeed.overrides.expert_parallel.{mapped[0]}: the routing keys "
+            f"({', '.join(mapped)}) are set from the model config; use "
+            "deepspeed.expert_parallel.autoep_size to enable AutoEP"
+        )
+    if block and size == 0:
+        raise ValueError(
+            "deepspeed.overrides.expert_parallel is set but AutoEP is off: set "
+            "deepspeed.expert_parallel.autoep_size=N"
+        )
+
+
+def check_expert_parallel(cfg) -> None:
+    """The launch checks of a run with AutoEP that span config groups (ValueError naming the
+    key): no `moe.aux_loss_coef` (the AutoEP block returns no router scores for the auxiliary
+    loss, `train.moe_aux_loss`), no LoRA (PEFT renames the modules AutoEP looks for: it would
+    find no MoE layer), WORLD_SIZE a multiple of the AutoEP degree. A no-op when it is off."""
+    size = autoep_size(cfg.deepspeed)
+    if size == 0:
+        return
+    moe = cfg.get("moe")
+    if moe is not None and moe.aux_loss_coef > 0:
+        raise ValueError(
+            f"moe.aux_loss_coef={moe.aux_loss_coef} with deepspeed.expert_parallel.autoep_size="
+            f"{size}: the AutoEP MoE block does not expose router scores for the auxiliary loss; "
+            "set moe.aux_loss_coef=0 (moe.bias_update_rate balances the load) or autoep_size=0"
+        )
+    lora = cfg.get("lora")
+    if lora is not None and lora.enabled:
+        raise ValueError(
+            f"lora.enabled=true with deepspeed.expert_parallel.autoep_size={size}: LoRA wraps "
+            "the model in PEFT, whose module names AutoEP does not match; turn one of them off"
+        )
+    world = world_size_from_env()
+    if world % size and not cfg.get("dry_run"):  # a dry run plans for plan.num_gpus instead
+        raise ValueError(
+            f"deepspeed.expert_parallel.autoep_size={size} must divide the {world} ranks"
+        )
+
+
+def autoep_block(model_config, device_type: str) -> dict[str, Any]:
+    """The routing keys of DeepSpeed's `expert_parallel` block for an LLaDA2MoeConfig.
+
+    LLaDA2's router (modeling.Router; the official `LLaDA2MoeGate`) maps onto AutoEP's
+    TokenChoiceTopKRouter (deepspeed/moe/ep_router.py, ported from TorchTitan) as:
+    sigmoid scores (score_func); group-limited top-k with the group scored by the sum of its
+    top-2 biased scores (num_expert_groups = n_group, num_limited_groups = topk_group, AutoEP's
+    group_score_func "top2_sum", the DeepSeek-V3 rule both follow); the bias in selection only
+    (our `expert_bias`, carried as `e_score_correction_bias`); combine weights the unbiased
+    scores of the chosen experts, normalised when norm_topk_prob and top-k > 1 (route_norm:
+    ours skips the division for top-1, AutoEP's would not), times routed_scaling_factor, applied
+    after the experts (score_apply post); experts SwiGLU with our stacked `gate_up_proj`
+    (E, H, 2I) / `down_proj` (E, I, H), which AutoEP reads as its "hidden_first" fused layout;
+    the shared expert `shared_experts`, added unweighted. The DeepSeek-V3 preset supplies the
+    module names (`model.layers.N.mlp` with `gate`, `experts`, `shared_experts`).
+    `use_grouped_mm` is on for CUDA (torch._grouped_mm / Triton) and off on CPU (AutoEP's
+    per-expert loop; its CPU grouped_mm path is untested here).
+    """
+    top_k = model_config.num_experts_per_tok
+    return {
+        "enabled": True,
+        "preset_model": "deepseek_v3",
+        "num_experts_attr": "num_experts",
+        "top_k_attr": "num_experts_per_tok",
+        "top_k": top_k,
+        "score_func": "sigmoid",
+        "score_apply": "post",
+        "route_norm": bool(model_config.norm_topk_prob and top_k > 1),
+        "routed_scaling_factor": float(model_config.routed_scaling_factor),
+        "num_expert_groups": model_config.n_group,
+        "num_limited_groups": model_config.topk_group,
+        "expert_activation": "swiglu",
+        "load_balance_coeff": None,
+        "use_grouped_mm": device_type == "cuda",
+    }
+
+
+def prepare_for_autoep(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Before `deepspeed.initialize` with AutoEP: every router's bias becomes the frozen
+    parameter AutoEP copies (`Router.carry_bias_as_parameter`). Returns a copy of each bias
+    (E,) by the name of its MoE block, for `adapt_autoep_layers` to check. Raises ValueError
+    when the model has no MoE layer (nothing to split)."""
+    biases = {}
+    for name, module in model.named_modules():
+        gate = getattr(module, "gate", None)
+        if hasattr(gate, "carry_bias_as_parameter"):
+            gate.carry_bias_as_parameter()
+            biases[name] = gate.e_score_correction_bias.detach().clone()
+    if not biases:
+        raise ValueError("deepspeed.expert_parallel.autoep_size: the model has no MoE layer")
+    return biases
+
+
+class _Fp32RouterLinear(torch.nn.Linear):
+    """The router projection in fp32 whatever the parameter dtype (`router_dtype: fp32` of the
+    official model, as modeling.Router); AutoEP's router runs it in the parameter dtype."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # noqa: D102 - see the class
+        bias = None if self.bias is None else self.bias.float()
+        return torch.nn.functional.linear(x.float(), self.weight.float(), bias)
+
+
+def adapt_autoep_layers(model: torch.nn.Module, biases: dict[str, torch.Tensor]) -> int:
+    """After `deepspeed.initialize` has swapped the MoE blocks for AutoEP's `AutoEPMoELayer`:
+    check every one carries its router bias, and give it our SparseMoE interface, so the
+    training loop (`train.py`: loads, the bias rule, checkpoints' client state) runs unchanged:
+    `gate` (its router, unregistered) with `gate.expert_bias` (an alias of the router's
+    `e_score_correction_bias` parameter, updated in place), `last_expert_load` (E,) tokens
+    routed by this rank in the last forward (a forward hook on the router), `last_routing`
+    None. The router projection runs in fp32 (`_Fp32RouterLinear`). Under ZeRO-3 the bias is
+    gathered once and kept whole (persistent), so in-place updates are what every forward
+    reads; it is frozen, so no optimizer partition goes stale.
+
+    Returns the number of AutoEP layers. Raises RuntimeError when a layer lacks the bias
+    parameter or its value differs from the source's (AutoEP dropped or changed it), or when
+    AutoEP replaced a different number of layers than the model had.
+    """
+    from llada_train.model.modeling import is_autoep_layer
+
+    layers = [(n, m) for n, m in model.named_modules() if is_autoep_layer(m)]
+    if len(layers) != len(biases):
+        raise RuntimeError(f"AutoEP replaced {len(layers)} MoE layers, the model has {len(biases)}")
+    for name, layer in layers:
+        router = layer.router
+        bias = router._parameters.get("e_score_correction_bias")
+        if not isinstance(bias, torch.nn.Parameter):
+            raise RuntimeError(
+                f"AutoEP dropped the expert bias of {name}: its router has no "
+                "e_score_correction_bias parameter"
+            )
+        expected = biases.get(name)
+        with gathered_parameters([bias]):
+            copied = bias.data.float().cpu()
+        if expected is None or not torch.equal(copied, expected.float().cpu()):
+            raise RuntimeError(f"AutoEP changed the expert bias of {name} while copying it")
+        if type(router.gate) is torch.nn.Linear:
+            router.gate.__class__ = _Fp32RouterLinear
+        canonical = bias
+        if hasattr(bias, "ds_id"):
+            # ZeRO-3 re-gathers a parameter from its partitions (after every optimizer step for
+            # persistent ones), so an in-place write to it would not last: the rule updates a
+            # whole fp32 copy, pushed into the parameter before each router forward
+            canonical = copied.to(bias.ds_tensor.device)
+            router.register_forward_pre_hook(_push_bias(canonical))
+        object.__setattr__(router, "expert_bias", canonical)
+        object.__setattr__(layer, "gate", router)
+        layer.last_expert_load = None
+        layer.last_routing = None  # no scores for the auxiliary loss (check_expert_parallel)
+
+        def record_load(_module, _inputs, outputs, layer=layer):
+            layer.last_expert_load = outputs[2].detach()  # (E,) tokens of this rank
+
+        router.register_forward_hook(record_load)
+    return len(layers)
+
+
+def _push_bias(canonical: torch.Tensor):
+    """A forward pre-hook for an AutoEP router under ZeRO-3 (it runs after ZeRO-3's own fetch,
+    registered later): copy the whole bias `canonical` (E,) into the gathered
+    `e_score_correction_bias` and into this rank's partition of it, so what is routed by,
+    saved and re-gathered is the value the balancing rule wrote."""
+
+    def push(router: torch.nn.Module, _inputs) -> None:
+        p = router.e_score_correction_bias
+        with torch.no_grad():
+            p.data.copy_(canonical)
+            part = p.ds_tensor.numel()
+            start = dist.get_rank(p.ds_process_group) * part
+            piece = canonical.reshape(-1)[start : start + part]
+            p.ds_tensor.data.reshape(-1)[: piece.numel()].copy_(piece)
+
+    return push
+
+
+def gather_experts(layer: torch.nn.Module, t: torch.Tensor) -> torch.Tensor:
+    """All routed experts (E, ...) of an AutoEP layer from this rank's local ones
+    `t` (E / ep, ...), concatenated in expert order over the layer's EP group (a collective
+    over that group; `t` itself when the degree is 1). AutoEP places experts contiguously:
+    rank r of the group owns experts r * E/ep .. (r + 1) * E/ep - 1
+    (`ep_repack._local_expert_range`)."""
+    if layer.ep_size == 1:
+        return t
+    parts = [torch.empty_like(t) for _ in range(layer.ep_size)]
+    dist.all_gather(parts, t.contiguous(), group=layer.ep_group)
+    return torch.cat(parts)
+
+
+def has_expert_parallel(model: torch.nn.Module) -> bool:
+    """Whether `model` has an AutoEP layer whose experts are split over several ranks."""
+    from llada_train.model.modeling import is_autoep_layer
+
+    return any(is_autoep_layer(m) and m.ep_size > 1 for m in model.modules())
 
 
 def deepspeed_config(
@@ -184,6 +441,14 @@ def deepspeed_config(
                 "weight_decay": optim_cfg.weight_decay,
             },
         }
+    size = autoep_size(ds_cfg)
+    if size:
+        if world_size % size:
+            raise ValueError(
+                f"deepspeed.expert_parallel.autoep_size={size} must divide the {world_size} ranks"
+            )
+        # routing keys: create_engine adds them from the model config (autoep_block)
+        config["expert_parallel"] = {"enabled": True, "autoep_size": size}
     overrides = ds_cfg.overrides
     if not isinstance(overrides, dict):  # a DictConfig: plain dicts, so nested blocks merge
         from omegaconf import OmegaConf
@@ -242,8 +507,20 @@ def lr_lambda(
 
 
 def create_engine(model: torch.nn.Module, ds_config: dict[str, Any], optim_cfg, max_steps: int):
-    """A DeepSpeed engine with AdamW and the `lr_lambda` schedule (stepped by DeepSpeed)."""
+    """A DeepSpeed engine with AdamW and the `lr_lambda` schedule (stepped by DeepSpeed).
+
+    With an enabled `expert_parallel` block (AutoEP), the routing keys are filled in from
+    `model.config` (`autoep_block`), the router biases become parameters first
+    (`prepare_for_autoep`) and the AutoEP layers are checked and adapted after
+    (`adapt_autoep_layers`; RuntimeError if AutoEP dropped a bias)."""
     import deepspeed
+
+    biases = None
+    if ds_config.get("expert_parallel", {}).get("enabled"):
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        block = {**autoep_block(model.config, device), **ds_config["expert_parallel"]}
+        ds_config = {**ds_config, "expert_parallel": block}
+        biases = prepare_for_autoep(model)
 
     schedule = lambda s: lr_lambda(  # noqa: E731
         s, max_steps, optim_cfg.warmup_ratio, optim_cfg.min_lr_ratio, optim_cfg.decay_ratio
@@ -270,6 +547,8 @@ def create_engine(model: torch.nn.Module, ds_config: dict[str, Any], optim_cfg, 
         lr_scheduler=scheduler,
         config=ds_config,
     )
+    if biases is not None:
+        adapt_autoep_layers(engine.module, biases)
     return engine
 
 
@@ -328,9 +607,12 @@ def is_partitioned(model: torch.nn.Module) -> bool:
 
 def layerwise_gather(model: torch.nn.Module, modifier_rank: int | None = None):
     """The `gather` argument of `model.io`'s load/export: None when `model` is not partitioned
-    (below ZeRO-3), else a function making a list of its parameters whole for a block."""
+    (below ZeRO-3), else a function making a list of its parameters whole for a block. With
+    AutoEP experts split over ranks but no ZeRO-3, a gather that does nothing: its presence
+    makes every rank drain the export, whose expert reassembly is collective
+    (`gather_experts`)."""
     if not is_partitioned(model):
-        return None
+        return (lambda params: contextlib.nullcontext()) if has_expert_parallel(model) else None
     return lambda params: gathered_parameters(params, modifier_rank=modifier_rank)
 
 
@@ -362,6 +644,14 @@ def inference_model(model: torch.nn.Module, gather: str = "whole", engine: Any =
     """
     if gather not in ("whole", "layerwise"):
         raise ValueError(f"gather={gather!r}: inference_model takes whole or layerwise")
+    if has_expert_parallel(model) or (is_partitioned(model) and _has_autoep_layers(model)):
+        if gather == "layerwise":  # an expert all-to-all in every forward; see autoep_twin
+            raise ValueError(
+                "layerwise decoding with AutoEP expert parallelism is not supported; decode "
+                "with the whole gather (RL: rollout.gather=whole)"
+            )
+        yield autoep_twin(model)
+        return
     if not is_partitioned(model):
         yield model
         return
@@ -383,6 +673,42 @@ def inference_model(model: torch.nn.Module, gather: str = "whole", engine: Any =
         twin.attention_backend = getattr(model, "attention_backend", "auto")
         twin.train(model.training)
         yield twin
+
+
+def _has_autoep_layers(model: torch.nn.Module) -> bool:
+    from llada_train.model.modeling import is_autoep_layer
+
+    return any(is_autoep_layer(m) for m in model.modules())
+
+
+def autoep_twin(model: torch.nn.Module) -> torch.nn.Module:
+    """A whole, hook-free LLaDA2MoeModelLM (our SparseMoE blocks) with the weights of a model
+    whose MoE blocks AutoEP replaced, for decoding (a collective: every rank calls it).
+
+    Why: an AutoEP block all-to-alls tokens over its EP group in every forward, so ranks
+    decoding different prompts for different numbers of forwards would not pair their
+    collectives; the twin decodes locally (each rank holds the whole model, as the ZeRO-3
+    whole gather does). Weights come from `model.io.whole_units` (AutoEP names mapped back,
+    experts reassembled over the EP group, one decoder layer whole at a time under ZeRO-3)
+    and are copied, frozen."""
+    from llada_train.model.io import whole_units
+
+    with torch.device("meta"):
+        twin = type(model)(model.config)
+    gather = layerwise_gather(model)
+    with torch.no_grad():
+        for unit in whole_units(model, gather):
+            for name, t in unit.items():
+                owner_name, _, leaf = name.rpartition(".")
+                owner = twin.get_submodule(owner_name)
+                data = t.data.clone()  # a gathered tensor is released when its unit ends
+                if leaf in owner._parameters:
+                    owner._parameters[leaf] = torch.nn.Parameter(data, requires_grad=False)
+                else:
+                    owner._buffers[leaf] = data
+    twin.attention_backend = getattr(model, "attention_backend", "auto")
+    twin.train(model.training)
+    return twin
 
 
 class DecodeDesync(RuntimeError):

@@ -407,6 +407,17 @@ def requested_gather(cfg, task: str) -> str:
     return gather
 
 
+def plan_ep_size(cfg) -> int:
+    """The expert-parallel degree the plan divides routed-expert states by: `plan.ep_size`
+    when set, else the run's own AutoEP degree (`deepspeed.expert_parallel.autoep_size`,
+    0 = off -> 1)."""
+    from llada_train.distributed import autoep_size
+
+    if cfg.plan.get("ep_size") is not None:
+        return int(cfg.plan.ep_size)
+    return max(1, autoep_size(cfg.deepspeed))
+
+
 def setup_from_config(
     cfg, config, task: str, world: int, num_gpus: int | None = None, gpu_gb: float | None = None
 ) -> Setup:
@@ -418,10 +429,9 @@ def setup_from_config(
 
     gpu_gb = gpu_gb or device_gb(cfg.plan)[0]
     num_gpus = num_gpus or cfg.plan.num_gpus or world
-    if cfg.plan.ep_size < 1 or num_gpus % cfg.plan.ep_size:
-        raise ValueError(
-            f"plan.ep_size={cfg.plan.ep_size} must be >= 1 and divide the {num_gpus} GPUs"
-        )
+    ep_size = plan_ep_size(cfg)
+    if ep_size < 1 or num_gpus % ep_size:
+        raise ValueError(f"plan.ep_size={ep_size} must be >= 1 and divide the {num_gpus} GPUs")
     gather = requested_gather(cfg, task)
     if task != "rl" and cfg.plan.get("model"):
         import warnings
@@ -432,7 +442,7 @@ def setup_from_config(
     common = dict(
         task=task, num_gpus=num_gpus, gpu_gb=gpu_gb,
         stage=cfg.deepspeed.stage, offload_optimizer=cfg.deepspeed.offload_optimizer,
-        offload_param=cfg.deepspeed.offload_param, lora_params=lora, ep_size=cfg.plan.ep_size,
+        offload_param=cfg.deepspeed.offload_param, lora_params=lora, ep_size=ep_size,
         micro_batch_size=cfg.micro_batch_size,
         activation_checkpointing=cfg.activation_checkpointing,
         attention="sdpa" if cfg.attention_backend == "sdpa" else "flex",

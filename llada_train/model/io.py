@@ -18,6 +18,10 @@ Contract:
   differs from the trained one), else the trained one, else the default.
 - Under ZeRO-3, loading and exporting take a `gather` function and make one decoder layer whole
   at a time, so no rank ever holds the whole model for them.
+- A model whose MoE blocks DeepSpeed AutoEP replaced (expert parallelism) exports under the same
+  official names: `whole_units` maps AutoEP's names back to ours (`_from_autoep`) and
+  reassembles each layer's experts from its EP group (a collective: every rank drains the
+  iteration, as under ZeRO-3). Loading into such a model is refused (load before the engine).
 - An export loads where a release loads (`save_pretrained(source_dir=...)`): it carries from the
   directory it was fine-tuned from (a release, or an export of ours) the remote code (every
   `*.py`: the files config.json's `auto_map` names), `generation_config.json`, licence files,
@@ -124,10 +128,53 @@ def whole_units(
         units[_unit_index(name, n)][name] = t
     for unit in units:
         if gather is None:
-            yield unit
+            yield _from_autoep(model, unit)
             continue
         with gather([t for t in unit.values() if isinstance(t, torch.nn.Parameter)]):
-            yield unit
+            yield _from_autoep(model, unit)
+
+
+_AUTOEP_NAME = re.compile(
+    r"^(model\.layers\.\d+\.mlp)\.(router\.gate\.weight|router\.e_score_correction_bias|"
+    r"experts\.w[123])$"
+)
+
+
+def _from_autoep(model: LLaDA2MoeModelLM, unit: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A unit of `whole_units` under our names: an AutoEP block's `router.gate.weight` ->
+    `gate.weight`, `router.e_score_correction_bias` -> `gate.expert_bias`, and its local experts
+    `experts.w1` / `w3` (E/ep, I, H), `w2` (E/ep, H, I) (gate, up, down; AutoEP's TorchTitan
+    layout) -> all E experts stacked as ours, `experts.gate_up_proj` (E, H, 2I) = [w1 | w3]^T
+    and `experts.down_proj` (E, I, H) = w2^T, gathered over the layer's EP group
+    (`distributed.gather_experts`, a collective). Those two are new tensors (read-only use);
+    a unit without AutoEP names comes back as it is."""
+    if not any(_AUTOEP_NAME.match(name) for name in unit):
+        return unit
+    from llada_train.distributed import gather_experts
+
+    out: dict[str, torch.Tensor] = {}
+    local: dict[str, dict[str, torch.Tensor]] = {}
+    for name, t in unit.items():
+        m = _AUTOEP_NAME.match(name)
+        if m is None:
+            out[name] = t
+            continue
+        prefix, leaf = m.groups()
+        if leaf == "router.gate.weight":
+            out[f"{prefix}.gate.weight"] = t
+        elif leaf == "router.e_score_correction_bias":
+            # the bias the balancing rule writes (distributed.adapt_autoep_layers: under ZeRO-3
+            # a whole copy of the partitioned parameter), else the parameter itself
+            gate = getattr(model.get_submodule(prefix), "gate", None)
+            out[f"{prefix}.gate.expert_bias"] = getattr(gate, "expert_bias", t)
+        else:
+            local.setdefault(prefix, {})[leaf.rpartition(".")[2]] = t
+    for prefix, w in sorted(local.items()):
+        layer = model.get_submodule(prefix)
+        w1, w2, w3 = (gather_experts(layer, w[k].data) for k in ("w1", "w2", "w3"))
+        out[f"{prefix}.experts.gate_up_proj"] = torch.cat((w1, w3), dim=1).transpose(1, 2)
+        out[f"{prefix}.experts.down_proj"] = w2.transpose(1, 2)  # (E, I, H)
+    return out
 
 
 def official_state_dict(
@@ -460,6 +507,11 @@ def load_official_weights(
     model. Every rank calls this; only the one with `write` reads the files. Buffers (the
     router's expert bias) are written on that rank only: the caller broadcasts them.
     """
+    if any(getattr(type(m), "_is_autoep_layer", False) for m in model.modules()):
+        raise ValueError(
+            "loading official weights into a model whose MoE blocks AutoEP replaced: load them "
+            "before distributed.create_engine"
+        )
     locations = check_checkpoint(model_dir, model.config)
     by_unit: dict[int, list[str]] = {}
     for name in locations:

@@ -12,6 +12,9 @@ Contract (facts of the official model code, SPEC section 1):
   (E, I, H), and run as grouped matmuls over expert-sorted tokens: one launch per projection per
   layer whatever the routing, and every rank touches every expert weight in the same order
   (what ZeRO-3 needs). `llada_train.model.io` maps to and from the official per-expert names.
+- Expert parallelism is DeepSpeed AutoEP's (`distributed.create_engine`): it swaps each
+  SparseMoE for its `AutoEPMoELayer` (the same router and expert math, tests/test_autoep.py);
+  `moe_layers()` lists either kind. This file stays written for one device.
 - Attention runs SDPA with a dense boolean mask or block-sparse FlexAttention
   (`llada_train.model.attention`); `model.attention_backend` ('auto' = flex on CUDA, sdpa
   elsewhere | 'sdpa' | 'flex') picks the form of an `AttentionMask`; both agree to float
@@ -188,7 +191,25 @@ class Router(nn.Module):
         self.norm_topk_prob = config.norm_topk_prob
         self.weight = nn.Parameter(torch.empty(config.num_experts, config.hidden_size))
         # Not trained by the optimiser: moved by the aux-loss-free balancing rule (see losses).
+        # A buffer, except under DeepSpeed AutoEP (`carry_bias_as_parameter`).
         self.register_buffer("expert_bias", torch.zeros(config.num_experts, dtype=torch.float32))
+
+    def carry_bias_as_parameter(self) -> None:
+        """Hold the selection-only bias (E,) as a frozen parameter `e_score_correction_bias`
+        (requires_grad=False) instead of the `expert_bias` buffer, with `expert_bias` left as an
+        alias of the same tensor, so the balancing rule (`train.update_expert_bias`, in place)
+        and this forward read and write one tensor.
+
+        Why: DeepSpeed AutoEP (0.19.8, `auto_ep_layer._copy_e_score_correction_bias`) carries a
+        fixed bias into its router only under that name; a buffer named `expert_bias` would be
+        dropped without a word. Called by `distributed.create_engine` before AutoEP replaces
+        this layer; the official checkpoint name stays `mlp.gate.expert_bias` (model/io.py).
+        Idempotent."""
+        if "e_score_correction_bias" in self._parameters:
+            return
+        bias = self._buffers.pop("expert_bias")
+        self.e_score_correction_bias = nn.Parameter(bias, requires_grad=False)
+        object.__setattr__(self, "expert_bias", self.e_score_correction_bias)  # unregistered alias
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """x (T, H) -> expert ids (T, K), combine weights (T, K) fp32, scores (T, E) fp32."""
@@ -340,6 +361,11 @@ class SparseMoE(nn.Module):
         return y.view(shape)
 
 
+def is_autoep_layer(module: nn.Module) -> bool:
+    """Whether `module` is a DeepSpeed AutoEP MoE block (its class marks itself so)."""
+    return bool(getattr(type(module), "_is_autoep_layer", False))
+
+
 class DecoderLayer(nn.Module):
     def __init__(self, config: LLaDA2MoeConfig, layer_idx: int):
         super().__init__()
@@ -401,8 +427,11 @@ class LLaDA2MoeModelLM(nn.Module):
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
 
-    def moe_layers(self) -> list[SparseMoE]:
-        return [m for m in self.modules() if isinstance(m, SparseMoE)]
+    def moe_layers(self) -> list[nn.Module]:
+        """The routed MoE blocks in layer order: `SparseMoE`, or DeepSpeed's `AutoEPMoELayer`
+        where AutoEP replaced them (`distributed.adapt_autoep_layers` gives those the same
+        `gate.expert_bias`, `last_expert_load`, `last_routing` and `num_experts`)."""
+        return [m for m in self.modules() if isinstance(m, SparseMoE) or is_autoep_layer(m)]
 
     # ------------------------------------------------------------------ forward
     def forward(
