@@ -9,7 +9,8 @@ Contract (all sizes in bytes unless a name ends in `_gb`; 1 GB = 1e9 bytes):
   docs "Memory Requirements"): mixed-precision Adam keeps per *trained* parameter 2 B bf16
   weights + 2 B bf16 gradients + 12 B fp32 master weights and Adam moments = 16 B. ZeRO-1
   partitions the 12 B over the data-parallel ranks, ZeRO-2 also the gradients, ZeRO-3 also the
-  weights. Optimizer offload moves the 12 B to host memory, parameter offload (ZeRO-3) the
+  weights. Optimizer offload moves the 12 B to host memory, with a 4 B fp32 gradient
+  partition beside them (16 B on the host); parameter offload (ZeRO-3) the
   bf16 weights too; both are reported as host memory. A frozen parameter (LoRA base) holds only
   its bf16 weights. Expert parallelism of degree E (`plan.ep_size`) divides the routed-expert
   parameters by E before ZeRO partitions them over the remaining N / E ranks. (DeepSpeed's own
@@ -116,13 +117,16 @@ def model_state_bytes(config, s: Setup) -> tuple[float, float]:
         w = 2 * count / (degree if s.stage >= 3 else 1)
         g = 2 * trained / (degree if s.stage >= 2 else 1)
         o = 12 * trained / (degree if s.stage >= 1 else 1)
-        host += (w if s.offload_param else 0) + (o if s.offload_optimizer else 0)
+        # optimizer offload also keeps the fp32 gradient partition in host memory (4 B;
+        # deepspeed runtime/zero/stage3.py, the offload path of the fp32 partitioned grads)
+        g32 = 4 * trained / (degree if s.stage >= 1 else 1)
+        host += (w if s.offload_param else 0) + (o + g32 if s.offload_optimizer else 0)
         gpu += (0 if s.offload_param else w) + g + (0 if s.offload_optimizer else o)
     if s.lora_params:  # adapters: dense, small, trained with the full 16 B
         a = s.lora_params / (n if s.stage >= 3 else 1)
         gpu += (0 if s.offload_param else 2 * a) + 2 * s.lora_params / (n if s.stage >= 2 else 1)
         o = 12 * s.lora_params / (n if s.stage >= 1 else 1)
-        host += o if s.offload_optimizer else 0
+        host += 16 / 12 * o if s.offload_optimizer else 0  # + the fp32 gradients, as above
         gpu += 0 if s.offload_optimizer else o
     if s.reference_copy:
         gpu += 2 * total  # a whole frozen bf16 copy (KL reference, not partitioned)
@@ -317,7 +321,8 @@ def suggestions(config, s: Setup, total_lora_params: int) -> list[str]:
         tried("micro_batch_size=1", micro_batch_size=1)
     if not s.activation_checkpointing:
         tried("activation_checkpointing=true", activation_checkpointing=True)
-    if s.rollout_batch and s.rollout_gather == "whole" and s.stage >= 3:
+    if s.rollout_batch and s.rollout_gather == "whole" and s.stage >= 3 and s.ep_size == 1:
+        # (under AutoEP decoding needs a whole copy: `distributed.inference_model`)
         tried("layerwise rollout gather (rollout.gather=layerwise)", rollout_gather="layerwise")
     if len(together) > 1 and not any("(fits" in line for line in out):
         p = estimate(config, dataclasses.replace(s, **together))
@@ -425,6 +430,7 @@ def setup_from_config(
     `num_gpus` GPUs (default `plan.num_gpus`, else `world`) of `gpu_gb` GB (default
     `device_gb`); its `rollout_gather` is the run's (`requested_gather`), `auto` resolved by
     `choose_gather`. Raises ValueError for a bad `plan.ep_size` or `rollout.gather`."""
+    from llada_train.distributed import autoep_size
     from llada_train.lora import lora_parameter_count
 
     gpu_gb = gpu_gb or device_gb(cfg.plan)[0]
@@ -458,6 +464,15 @@ def setup_from_config(
             rollout_batch=per_rank * cfg.rollout.group_size, rollout_len=length,
             reference_copy=cfg.conf.kl_coef > 0, **common,
         )  # fmt: skip
+    if autoep_size(cfg.deepspeed) > 1:  # AutoEP decodes with a whole local copy
+        if gather == "layerwise":
+            raise ValueError(
+                "rollout.gather=layerwise with deepspeed.expert_parallel.autoep_size="
+                f"{autoep_size(cfg.deepspeed)}: decoding under AutoEP uses a whole copy of the "
+                "model (distributed.inference_model); use rollout.gather=whole or auto, or "
+                "turn AutoEP off"
+            )
+        gather = "whole"
     if gather == "auto":
         gather = choose_gather(config, s)
     return dataclasses.replace(s, rollout_gather=gather)
