@@ -156,6 +156,7 @@ class OptimConfig:
     warmup_ratio: float = 0.03
     min_lr_ratio: float = 0.0  # cosine decays to lr * min_lr_ratio
     decay_ratio: float = 1.0  # share of the steps the final cosine spans; < 1: warmup-stable-decay
+    decay_end_ratio: float = 1.0  # the cosine ends at this share of the steps; min lr after it
     grad_clip: float = 1.0
 
 
@@ -433,9 +434,14 @@ def check_run(cfg: Any) -> SamplerConfig:
     check_expert_parallel(cfg)
     check_lora(cfg.lora, cfg.deepspeed.stage)
     o = cfg.optim
-    for key in ("warmup_ratio", "min_lr_ratio", "decay_ratio"):
+    for key in ("warmup_ratio", "min_lr_ratio", "decay_ratio", "decay_end_ratio"):
         if not 0.0 <= o[key] <= 1.0:
             raise ValueError(f"optim.{key}={o[key]} must lie in [0, 1]")
+    if o.decay_end_ratio < o.warmup_ratio:
+        raise ValueError(
+            f"optim.decay_end_ratio={o.decay_end_ratio} ends the decay inside the warmup "
+            f"(optim.warmup_ratio={o.warmup_ratio}); raise it"
+        )
     return check_sampler(cfg)
 
 

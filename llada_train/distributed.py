@@ -484,22 +484,33 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
 
 
 def lr_lambda(
-    step: int, max_steps: int, warmup_ratio: float, min_lr_ratio: float, decay_ratio: float = 1.0
+    step: int,
+    max_steps: int,
+    warmup_ratio: float,
+    min_lr_ratio: float,
+    decay_ratio: float = 1.0,
+    decay_end_ratio: float = 1.0,
 ) -> float:
     """LR multiplier of optimizer step `step` (0-based): linear warmup over
-    ceil(warmup_ratio * max_steps) steps, constant at 1, then a cosine to min_lr_ratio over the
-    last ceil(decay_ratio * max_steps) steps (at most every step after the warmup).
+    ceil(warmup_ratio * max_steps) steps, constant at 1, then a cosine to min_lr_ratio over
+    ceil(decay_ratio * max_steps) steps (at most every step after the warmup) that ends at step
+    round(decay_end_ratio * max_steps), then min_lr_ratio to the end.
 
     decay_ratio = 1: warmup + cosine over the whole run (the usual LLM schedule).
     decay_ratio < 1: warmup-stable-decay (WSD; Hu et al. 2024, MiniCPM section 4): the rate
     stays at its peak until the final decay. Issue 17 found the tiny recipe's addition task
     learnt only late, after a whole-run cosine has already lowered the rate (docs/learning.md).
+    decay_end_ratio < 1: the decay ends before the run does and the rate holds at its floor
+    after it (Megatron-LM's `--lr-decay-iters` below `--train-iters`). Issue 26 found that the
+    tiny addition task completes its rise while the rate decays; the held tail is the margin
+    for a run whose rise comes late.
     """
     warmup = math.ceil(warmup_ratio * max_steps)
     if step < warmup:
         return (step + 1) / warmup
-    decay = min(max_steps - warmup, math.ceil(decay_ratio * max_steps))
-    decay_start = max_steps - decay
+    decay_end = max(warmup, min(max_steps, round(decay_end_ratio * max_steps)))
+    decay = min(decay_end - warmup, math.ceil(decay_ratio * max_steps))
+    decay_start = decay_end - decay
     if step < decay_start:
         return 1.0
     progress = min(1.0, (step - decay_start) / max(1, decay))
@@ -523,7 +534,8 @@ def create_engine(model: torch.nn.Module, ds_config: dict[str, Any], optim_cfg, 
         biases = prepare_for_autoep(model)
 
     schedule = lambda s: lr_lambda(  # noqa: E731
-        s, max_steps, optim_cfg.warmup_ratio, optim_cfg.min_lr_ratio, optim_cfg.decay_ratio
+        s, max_steps, optim_cfg.warmup_ratio, optim_cfg.min_lr_ratio, optim_cfg.decay_ratio,
+        getattr(optim_cfg, "decay_end_ratio", 1.0),
     )
     optimizer = None
     if "optimizer" not in ds_config:

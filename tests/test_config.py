@@ -108,6 +108,31 @@ def test_warmup_stable_decay_schedule_hand_values():
     assert lr_lambda(525, 1000, 0.05, 0.1, 1.0) == lr_lambda(525, 1000, 0.05, 0.1, 0.95)
 
 
+def test_decay_that_ends_early_holds_the_floor_hand_values():
+    """1000 steps, 5% warmup, a 200-step cosine ending at step 600, then 0.1 to the end."""
+    from llada_train.distributed import lr_lambda
+
+    def sched(step):
+        return lr_lambda(step, 1000, 0.05, 0.1, decay_ratio=0.2, decay_end_ratio=0.6)
+
+    assert sched(49) == sched(50) == sched(399) == sched(400) == 1.0  # stable until step 400
+    assert sched(500) == pytest.approx(0.1 + 0.9 * 0.5)  # half-way down the cosine
+    assert sched(600) == sched(800) == sched(999) == pytest.approx(0.1)  # the held floor
+    # decay_end_ratio=1 is the schedule without it, step for step
+    assert all(
+        lr_lambda(k, 1000, 0.05, 0.1, 0.3, 1.0) == lr_lambda(k, 1000, 0.05, 0.1, 0.3)
+        for k in range(1000)
+    )
+
+
+def test_decay_end_inside_the_warmup_is_refused():
+    from llada_train.config import check_run
+
+    cfg = _compose("sft", ["optim.warmup_ratio=0.1", "optim.decay_end_ratio=0.05"])
+    with pytest.raises(ValueError, match="optim.decay_end_ratio"):
+        check_run(cfg)
+
+
 def test_enum_options_read_as_their_strings():
     cfg = _compose("sft", ["tracking.mode=disabled", "corruption.weighting=inv_t"])
     assert cfg.tracking.mode == "disabled" and f"{cfg.corruption.weighting}" == "inv_t"
