@@ -194,7 +194,8 @@ def test_tiny_sort_recipes_differ_from_tiny_only_in_data_and_folders():
     }
     # sorting keeps the corruption and schedule its figures were measured with (issue 26)
     assert sort["corruption"] == {**tiny["corruption"], "t_max": 0.8, "pad_weight": 1.0}
-    assert sort["optim"] == {**tiny["optim"], "decay_ratio": 0.3}
+    assert sort["optim"] == {**tiny["optim"], "decay_ratio": 0.3, "decay_end_ratio": 1.0}
+    assert sort["moe"] == {**tiny["moe"], "bias_update_rate": 1e-3}
     assert sort["block_length"] == sort["sampler"]["block_length"] == 64
     assert {**sort["sampler"], "block_length": 32} == tiny["sampler"]
     assert sort["data"] == {
