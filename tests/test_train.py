@@ -257,10 +257,13 @@ def test_every_checkpoint_is_evaluated_in_the_background_by_default(tmp_path):
     assert "2 evaluated, 0 failed" in log
 
 
-@pytest.mark.parametrize(("entry", "micro", "steps"), [("sft", 32, 1200), ("cpt", 16, 100)])
-def test_cpt_recipe_is_merged_over_the_shared_one(entry, micro, steps):
-    """recipes/cpt/tiny.yaml overrides the batch and step counts of recipes/tiny.yaml for the
-    cpt entry only; everything else (model, block length, lr) comes from the shared recipe."""
+@pytest.mark.parametrize(
+    ("entry", "micro", "steps", "lr"), [("sft", 32, 1200, 3.0e-3), ("cpt", 16, 100, 3.0e-4)]
+)
+def test_cpt_recipe_is_merged_over_the_shared_one(entry, micro, steps, lr):
+    """recipes/cpt/tiny.yaml overrides the batch, step counts, rate and schedule of
+    recipes/tiny.yaml for the cpt entry only; everything else (model, block length) comes from
+    the shared recipe."""
     from hydra import compose, initialize_config_dir
 
     import llada_train
@@ -270,7 +273,7 @@ def test_cpt_recipe_is_merged_over_the_shared_one(entry, micro, steps):
     with initialize_config_dir(config_dir=llada_train.CONF_DIR, version_base="1.3"):
         cfg = compose(entry, overrides=["+recipe=tiny"])
     assert (cfg.micro_batch_size, cfg.max_steps) == (micro, steps)
-    assert cfg.block_length == 32 and cfg.optim.lr == 3.0e-3 and cfg.model.hidden_size == 256
+    assert cfg.block_length == 32 and cfg.optim.lr == lr and cfg.model.hidden_size == 256
 
 
 def test_mask_only_run_checks_held_out_with_editing_off(tmp_path):
