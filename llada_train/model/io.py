@@ -49,7 +49,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from llada_train.model.config import OFFICIAL_DEFAULTS, LLaDA2MoeConfig
-from llada_train.model.modeling import LLaDA2MoeModelLM
+from llada_train.model.modeling import LLaDA2MoeModelLM, is_autoep_layer
 
 TRAINING_FACTS = "llada_train.json"
 GENERATION_CONFIG = "generation_config.json"
@@ -507,7 +507,7 @@ def load_official_weights(
     model. Every rank calls this; only the one with `write` reads the files. Buffers (the
     router's expert bias) are written on that rank only: the caller broadcasts them.
     """
-    if any(getattr(type(m), "_is_autoep_layer", False) for m in model.modules()):
+    if any(is_autoep_layer(m) for m in model.modules()):
         raise ValueError(
             "loading official weights into a model whose MoE blocks AutoEP replaced: load them "
             "before distributed.create_engine"
