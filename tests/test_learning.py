@@ -14,6 +14,12 @@ after 160 steps of batch 32, response accuracy 0.577 (0.055 over steps 1-5), cro
 and copy rate 0.090: about what the answer's format and the order statistics of a sorted list
 give without reading the question, so the bounds below sit between the two. They leave a margin
 for other CPUs, whose float reduction order may move the run.
+
+Under the robustness harness's two perturbations (issue 26; `scripts/robustness.py`), the same
+run read: micro-batch split (`micro_batch_size=16`) accuracy 0.562, cross-entropy 1.111, copy
+rate 0.173; initial-weight jitter (`init_jitter=1e-6`) 0.595, 1.097, 0.220. The split's copy
+rate came within 0.013 of the old bound 0.16, so the bound is 0.14: still well above the 0.090
+of a run that does not read the question.
 """
 
 from __future__ import annotations
@@ -56,7 +62,7 @@ RUN = [
 MAX_FIRST_ACC = 0.25  # an untrained model: chance over the vocabulary, then the format
 MIN_LAST_ACC = 0.54  # seen 0.577 at 160 steps; 0.496 at 100 steps
 MAX_LAST_CE = 1.2  # seen 1.102; 1.288 at 100 steps
-MIN_COPY_RATE = 0.16  # seen 0.223; 0.090 at 100 steps (not reading the question: ~6/90)
+MIN_COPY_RATE = 0.14  # seen 0.223 (0.173 micro-batch split); 0.090 at 100 steps (~6/90)
 
 
 def test_short_sort_sft_learns(tmp_path):
