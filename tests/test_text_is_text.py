@@ -95,6 +95,34 @@ def test_cpt_document_with_special_strings(tok, ids, tmp_path):
     assert ids.mask_id not in stream and ids.eos_id not in stream  # one document, cut short
 
 
+def test_cpt_corpus_mixes_text_and_chats(tok, ids, tmp_path):
+    """A CPT corpus may hold chats (mid-training mix): each is the SFT layout without the block
+    padding, one document of its own, every token a target; a record that is neither a text
+    document nor a chat is refused with its file and line."""
+    path = tmp_path / "mix.jsonl"
+    chat = {"messages": [{"role": "user", "content": "What is <|mask|> 2 + 3?"},
+                         {"role": "assistant", "content": "5"}]}  # fmt: skip
+    rows = [{"text": "one two three"}, chat, {"text": "four five"}]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    cfg = type("D", (), dict(field=None, train_files=[str(path)], hub_dataset=None,
+                             hub_split="train", max_length=4, on_bad_record="error"))  # fmt: skip
+    first = encode_text(tok, "one two three") + [ids.eos_id]
+    prompt = encode_chat(tok, chat["messages"][:1], add_generation_prompt=True)
+    middle = prompt + encode_text(tok, "5") + [ids.eos_id]
+    last = encode_text(tok, "four five") + [ids.eos_id]
+    stream = first + middle + last
+    cfg.max_length = len(stream)
+    (example,), skipped = load_cpt_examples(cfg, tok, ids)
+    assert skipped == 0 and example.input_ids == stream and all(example.maskable)
+    assert example.doc_ids == [0] * len(first) + [1] * len(middle) + [2] * len(last)
+    assert ids.mask_id not in example.input_ids  # text is text inside a chat too
+    assert tok.decode(middle).endswith("<role>ASSISTANT</role>5<|endoftext|>")
+
+    path.write_text(json.dumps({"txt": "typo"}) + "\n")
+    with pytest.raises(ValueError, match=r"mix.jsonl:1: field 'text' is missing .*messages"):
+        load_cpt_examples(cfg, tok, ids)
+
+
 def test_chat_cli_and_rl_prompt_encoding(tok, ids):
     out = encode_prompt(tok, "what is <|mask|>?", system=None, chat_template=True)
     assert ids.mask_id not in out

@@ -13,7 +13,9 @@ Contract:
   block_length. Prompt tokens are never maskable; response and EOS are; the padding is when
   `pad_supervised` (the official model learned to stop by predicting EOS into the padding).
 - CPT (`text`): documents + EOS are concatenated and cut into sequences of `max_length`; every
-  token is maskable; `doc_ids` numbers the documents inside each sequence (document mask).
+  token is maskable; `doc_ids` numbers the documents inside each sequence (document mask). A
+  chat record (any SFT format) in a CPT corpus is one document: its SFT layout without the
+  block padding (a mid-training mix).
 - Bad records (missing/empty field, wrong types, too long) raise a ValueError naming origin and
   what to change, or with on_bad_record=skip are dropped and counted.
 - `GlobalBatches`: the example order is a seeded permutation per epoch, identical on every rank;
@@ -31,7 +33,7 @@ from dataclasses import dataclass
 
 import torch
 
-from llada_train.data.formats import BadRecord, to_messages
+from llada_train.data.formats import BadRecord, detect_format, to_messages
 from llada_train.tokenizer import ROLE_END_TOKEN, SpecialIds, encode_chat_spans, encode_text
 
 
@@ -357,8 +359,26 @@ def choose_packing(
 
 
 # ---------------------------------------------------------------------------- CPT
+def cpt_chat_tokens(record: dict, origin: str, tokenizer, ids: SpecialIds) -> list[int]:
+    """A chat record (any SFT format of `formats.FORMATS`) as one CPT document: the chat
+    template's rendering of every message before the last with the generation prompt, then the
+    last (assistant) message and EOS (the SFT layout of `build_sft_example` without the block
+    padding). Every token is a CPT target. This is how a CPT corpus mixes in instruction data
+    (a mid-training mix: the chats are seen in the template the SFT and the sampler use).
+    Raises BadRecord naming `origin` for a record that does not fit."""
+    messages = to_messages(record, origin)
+    prompt_ids, _ = _prompt_spans(tokenizer, messages, origin)
+    return prompt_ids + encode_text(tokenizer, messages[-1]["content"]) + [ids.eos_id]
+
+
 def load_cpt_examples(data_cfg, tokenizer, ids: SpecialIds) -> tuple[list[Example], int]:
-    """Pack documents (+EOS) into sequences of data.max_length with per-sequence doc ids."""
+    """Pack documents (+EOS) into sequences of data.max_length with per-sequence doc ids.
+
+    A record is a text document (`data.field`, default "text") or, when it has no such field
+    and its keys fit a chat format (`formats.detect_format`: messages, conversations, ...), a
+    chat rendered by the chat template (`cpt_chat_tokens`), so one corpus may mix both.
+    Raises BadRecord naming the file and line for a record that is neither (unless
+    data.on_bad_record=skip) and ValueError when fewer than data.max_length tokens remain."""
     field = data_cfg.field or "text"
     stream: list[int] = []
     docs: list[int] = []
@@ -367,13 +387,26 @@ def load_cpt_examples(data_cfg, tokenizer, ids: SpecialIds) -> tuple[list[Exampl
         read_records(list(data_cfg.train_files), data_cfg.hub_dataset, data_cfg.hub_split)
     ):
         text = rec.get(field) if isinstance(rec, dict) else None
-        if not isinstance(text, str) or not text.strip():
+        if text is None and isinstance(rec, dict) and detect_format(rec) is not None:
+            try:
+                tokens = cpt_chat_tokens(rec, origin, tokenizer, ids)
+            except BadRecord:
+                if data_cfg.on_bad_record != "skip":
+                    raise
+                skipped += 1
+                continue
+        elif not isinstance(text, str) or not text.strip():
             if data_cfg.on_bad_record == "skip":
                 skipped += 1
                 continue
             what = "missing" if text is None else "empty or not a string"
-            raise BadRecord(f"{origin}: field '{field}' is {what}")
-        tokens = encode_text(tokenizer, text) + [ids.eos_id]  # special strings stay text
+            raise BadRecord(
+                f"{origin}: field '{field}' is {what} (a CPT record is a text document, or a "
+                "chat in one of the SFT formats: messages, conversations, instruction+output, "
+                "prompt+completion)"
+            )
+        else:
+            tokens = encode_text(tokenizer, text) + [ids.eos_id]  # special strings stay text
         assert ids.mask_id not in tokens, origin  # the mask id is never a training target
         stream.extend(tokens)
         docs.extend([doc] * len(tokens))
