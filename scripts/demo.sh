@@ -26,7 +26,9 @@ python -m llada_train.sft +recipe=tiny init_from="$(latest "$RUNS/cpt")" output_
   "$NO_SAVE_EVAL" "$@"
 
 echo "== 4/5 EBPO from the SFT checkpoint"
-python -m llada_train.rl conf=ebpo +recipe=tiny init_from="$(latest "$RUNS/sft")" output_dir="$RUNS/rl"
+# 20 rollout batches (the recipe has 30, ~13 s each on 2 cores): the demo's 20-minute budget.
+python -m llada_train.rl conf=ebpo +recipe=tiny init_from="$(latest "$RUNS/sft")" output_dir="$RUNS/rl" \
+  max_steps=20
 
 echo "== 5/5 evaluation of every stage (llada_arith_gen, $EVAL_LIMIT held-out questions, Quality preset)"
 for stage in init cpt sft rl; do
