@@ -163,7 +163,9 @@ def measure(tmp, train_extra=(), rl_extra=()) -> dict:
     sft = [*TRAIN, "corruption.t_min=0.3", "corruption.t_max=0.8", "corruption.pad_weight=1.0"]
     sft += train_extra
     run(["llada_train.sft", *sft, "max_steps=6", f"output_dir={tmp / 'sft'}"])
-    run(["llada_train.cpt", *TRAIN, *train_extra, "max_steps=4", f"output_dir={tmp / 'cpt'}"])
+    # pinned: the text corpus (the tiny CPT recipe's corpus also holds the SFT chats)
+    cpt = [*TRAIN, "data.train_files=[${repo:data/shipped/cpt.jsonl}]", *train_extra]
+    run(["llada_train.cpt", *cpt, "max_steps=4", f"output_dir={tmp / 'cpt'}"])
     policy, files = say_one_setup(tmp)
     run(["llada_train.rl", *RL, *rl_extra, f"init_from={policy}", f"output_dir={tmp / 'rl'}",
          f"data.train_files={files}", f"data.eval_files={files}"])  # fmt: skip
