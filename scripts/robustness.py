@@ -239,7 +239,7 @@ def main() -> None:
     p.add_argument("--out", required=True)
     p.add_argument("--report-only", action="store_true")
     p.add_argument("overrides", nargs="*", help="Hydra overrides for the SFT runs (after --)")
-    args = p.parse_args()
+    args = p.parse_intermixed_args()  # overrides after `--` or right after the recipe
 
     os.makedirs(os.path.join(args.out, "runs"), exist_ok=True)
     wall_path = os.path.join(args.out, "runs", "wall_s.json")
