@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -359,24 +360,37 @@ def choose_packing(
 
 
 # ---------------------------------------------------------------------------- CPT
-def cpt_chat_tokens(record: dict, origin: str, tokenizer, ids: SpecialIds) -> list[int]:
-    """A chat record (any SFT format of `formats.FORMATS`) as one CPT document: the chat
-    template's rendering of every message before the last with the generation prompt, then the
-    last (assistant) message and EOS (the SFT layout of `build_sft_example` without the block
-    padding). Every token is a CPT target. This is how a CPT corpus mixes in instruction data
-    (a mid-training mix: the chats are seen in the template the SFT and the sampler use).
-    Raises BadRecord naming `origin` for a record that does not fit."""
-    messages = to_messages(record, origin)
-    prompt_ids, _ = _prompt_spans(tokenizer, messages, origin)
-    return prompt_ids + encode_text(tokenizer, messages[-1]["content"]) + [ids.eos_id]
+def cpt_document_tokens(
+    record: object, origin: str, field: str, tokenizer, ids: SpecialIds
+) -> list[int]:
+    """One CPT record as the token ids of one document, EOS-terminated; every token a target.
+
+    A text document is `record[field]` + EOS. A record with no `field` whose keys fit a chat
+    format (`formats.detect_format`: messages, conversations, instruction+output,
+    prompt+completion) is a chat: its SFT layout (`build_sft_example`) without the block
+    padding, i.e. the chat template's prompt, the assistant's response and EOS. That is how a
+    CPT corpus mixes in instruction data (a mid-training mix, seen in the template the SFT and
+    the sampler use). Raises BadRecord naming `origin` for a record that is neither."""
+    text = record.get(field) if isinstance(record, dict) else None
+    if text is None and isinstance(record, dict) and detect_format(record) is not None:
+        # block_length 1: no padding; no length bound (a CPT document spans windows)
+        return build_sft_example(record, origin, tokenizer, ids, sys.maxsize, 1, False).input_ids
+    if not isinstance(text, str) or not text.strip():
+        what = "missing" if text is None else "empty or not a string"
+        raise BadRecord(
+            f"{origin}: field '{field}' is {what} (a CPT record is a text document, or a "
+            "chat in one of the SFT formats: messages, conversations, instruction+output, "
+            "prompt+completion)"
+        )
+    return encode_text(tokenizer, text) + [ids.eos_id]  # special strings stay text
 
 
 def load_cpt_examples(data_cfg, tokenizer, ids: SpecialIds) -> tuple[list[Example], int]:
     """Pack documents (+EOS) into sequences of data.max_length with per-sequence doc ids.
 
     A record is a text document (`data.field`, default "text") or, when it has no such field
-    and its keys fit a chat format (`formats.detect_format`: messages, conversations, ...), a
-    chat rendered by the chat template (`cpt_chat_tokens`), so one corpus may mix both.
+    and its keys fit a chat format, a chat rendered by the chat template
+    (`cpt_document_tokens`), so one corpus may mix both.
     Raises BadRecord naming the file and line for a record that is neither (unless
     data.on_bad_record=skip) and ValueError when fewer than data.max_length tokens remain."""
     field = data_cfg.field or "text"
@@ -386,27 +400,13 @@ def load_cpt_examples(data_cfg, tokenizer, ids: SpecialIds) -> tuple[list[Exampl
     for doc, (rec, origin) in enumerate(
         read_records(list(data_cfg.train_files), data_cfg.hub_dataset, data_cfg.hub_split)
     ):
-        text = rec.get(field) if isinstance(rec, dict) else None
-        if text is None and isinstance(rec, dict) and detect_format(rec) is not None:
-            try:
-                tokens = cpt_chat_tokens(rec, origin, tokenizer, ids)
-            except BadRecord:
-                if data_cfg.on_bad_record != "skip":
-                    raise
-                skipped += 1
-                continue
-        elif not isinstance(text, str) or not text.strip():
-            if data_cfg.on_bad_record == "skip":
-                skipped += 1
-                continue
-            what = "missing" if text is None else "empty or not a string"
-            raise BadRecord(
-                f"{origin}: field '{field}' is {what} (a CPT record is a text document, or a "
-                "chat in one of the SFT formats: messages, conversations, instruction+output, "
-                "prompt+completion)"
-            )
-        else:
-            tokens = encode_text(tokenizer, text) + [ids.eos_id]  # special strings stay text
+        try:
+            tokens = cpt_document_tokens(rec, origin, field, tokenizer, ids)
+        except BadRecord:
+            if data_cfg.on_bad_record != "skip":
+                raise
+            skipped += 1
+            continue
         assert ids.mask_id not in tokens, origin  # the mask id is never a training target
         stream.extend(tokens)
         docs.extend([doc] * len(tokens))
