@@ -538,8 +538,9 @@ def _fresh_tiny_policy(tmp_path):
 
 @pytest.mark.slow
 def test_rl_entry_layerwise_equals_whole(tmp_path):
-    """The RL entry point, 2 processes, ZeRO-3 from an init_from export: rollout.gather=layerwise
-    logs the metrics of whole (rollouts, held-out reward over 3 prompts split 2 + 1, DAPO
+    """The RL entry point on the tiny EBPO recipe (recipes/rl/tiny.yaml: 8 ELBO levels, dual-mode
+    rollouts at temperature 1), made small, 2 processes, ZeRO-3 from an init_from export:
+    rollout.gather=layerwise logs the metrics of whole (rollouts, held-out reward over 3 prompts split 2 + 1, DAPO
     rounds that differ per rank, a smoke sample and an in-process lm-eval of 4 questions on
     rank 0 at the save, the other rank serving its forwards) and writes the same lm-eval
     results. ~3 minutes on 2 busy cores: `python -m pytest tests/test_layerwise_rollout.py
@@ -552,7 +553,7 @@ def test_rl_entry_layerwise_equals_whole(tmp_path):
         out = tmp_path / gather
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
                "--master_port", str(_free_port()), "-m", "llada_train.rl", "conf=ebpo",
-               f"init_from={policy}", f"output_dir={out}", "deepspeed=zero3",
+               "+recipe=tiny", f"init_from={policy}", f"output_dir={out}", "deepspeed=zero3",
                f"rollout.gather={gather}", "max_steps=2", "rollout.prompts_per_step=2",
                "rollout.group_size=4", "rollout.max_rounds=2", "micro_batch_size=4",
                "rollout.gen_length=16", "data.num_eval_prompts=3", "eval_every=2",
