@@ -221,7 +221,9 @@ def check_expert_parallel(cfg) -> None:
     """The launch checks of a run with AutoEP that span config groups (ValueError naming the
     key): no `moe.aux_loss_coef` (the AutoEP block returns no router scores for the auxiliary
     loss, `train.moe_aux_loss`), no LoRA (PEFT renames the modules AutoEP looks for: it would
-    find no MoE layer), WORLD_SIZE a multiple of the AutoEP degree. A no-op when it is off."""
+    find no MoE layer), no `rollout.gather=layerwise` (RL: AutoEP decodes on a whole local copy,
+    `autoep_twin`; `inference_model` would refuse it at the first decode), WORLD_SIZE a
+    multiple of the AutoEP degree. A no-op when it is off."""
     size = autoep_size(cfg.deepspeed)
     if size == 0:
         return
@@ -237,6 +239,14 @@ def check_expert_parallel(cfg) -> None:
         raise ValueError(
             f"lora.enabled=true with deepspeed.expert_parallel.autoep_size={size}: LoRA wraps "
             "the model in PEFT, whose module names AutoEP does not match; turn one of them off"
+        )
+    rollout = cfg.get("rollout")  # RL only
+    if rollout is not None and rollout.get("gather") == "layerwise":
+        raise ValueError(
+            f"rollout.gather=layerwise with deepspeed.expert_parallel.autoep_size={size}: under "
+            "AutoEP rollouts, the held-out reward and smoke samples decode on a whole local copy "
+            "of the model (distributed.autoep_twin), never layerwise; set rollout.gather=auto or "
+            "whole, or deepspeed.expert_parallel.autoep_size=0"
         )
     world = world_size_from_env()
     if world % size and not cfg.get("dry_run"):  # a dry run plans for plan.num_gpus instead

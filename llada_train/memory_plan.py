@@ -294,7 +294,13 @@ def estimate(config, s: Setup) -> Plan:
 
 def suggestions(config, s: Setup, total_lora_params: int) -> list[str]:
     """Changes that lower the peak, each with the peak it would give (GB per GPU); when none
-    fits alone, all of them together as a last line."""
+    fits alone, all of them together as a last line.
+
+    Under expert parallelism (`s.ep_size` > 1) LoRA is never suggested (launch refuses LoRA
+    with AutoEP: `distributed.check_expert_parallel`), and an RL plan whose rollout decodes on
+    a whole copy (AutoEP refuses layerwise decoding) also gets "no expert parallelism" (alone,
+    and with `deepspeed=zero3_offload` when that is suggested) where `rollout.gather=auto`
+    would then decode layerwise (`choose_gather`)."""
     out, together = [], {}
     base = estimate(config, s).peak_gb
 
@@ -307,11 +313,29 @@ def suggestions(config, s: Setup, total_lora_params: int) -> list[str]:
             if "num_gpus" not in change and "lora_params" not in change:
                 together.update(change)
 
+    offload = dict(stage=3, offload_optimizer=True, offload_param=True)
+    # under EP the rollout decodes on a whole copy (AutoEP refuses layerwise decoding); without
+    # EP, `rollout.gather=auto` decodes layerwise where the whole model does not fit
+    whole_under_ep = s.ep_size > 1 and s.rollout_batch and s.rollout_gather == "whole"
+    no_ep = "no expert parallelism (deepspeed.expert_parallel.autoep_size=0; rollout.gather=auto"
+    no_ep += " then decodes layerwise)"
+
+    def tried_without_ep(label: str, **change) -> None:
+        if choose_gather(config, dataclasses.replace(s, ep_size=1, **change)) == "layerwise":
+            tried(label, ep_size=1, rollout_gather="layerwise", **change)
+
     if s.stage < 3 or not (s.offload_optimizer and s.offload_param):
-        tried("deepspeed=zero3_offload", stage=3, offload_optimizer=True, offload_param=True)
+        keeps = (f" deepspeed.expert_parallel.autoep_size={s.ep_size} (rollouts still decode "
+                 "on a whole copy)")  # fmt: skip
+        tried(f"deepspeed=zero3_offload{keeps if whole_under_ep else ''}", **offload)
+        if whole_under_ep:
+            tried_without_ep(f"deepspeed=zero3_offload, {no_ep}", **offload)
+    if whole_under_ep:
+        tried_without_ep(no_ep)
     for n in (2 * s.num_gpus, 4 * s.num_gpus):
         tried(f"{n} GPUs (plan.num_gpus={n})", num_gpus=n)
-    if not s.lora_params and total_lora_params:
+    # LoRA is refused with AutoEP (distributed.check_expert_parallel): not under EP
+    if not s.lora_params and total_lora_params and s.ep_size == 1:
         # LoRA is refused under ZeRO-3 (lora.check_lora): the frozen base is then replicated
         tried(
             "lora.enabled=true deepspeed=zero2",

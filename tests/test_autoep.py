@@ -245,6 +245,40 @@ def test_autoep_settings_fail_at_launch_naming_the_key(monkeypatch):
         check_expert_parallel(run)
 
 
+def test_layerwise_rollout_with_autoep_fails_at_config_check(monkeypatch):
+    """`rollout.gather=layerwise` under AutoEP is refused by the RL launch checks
+    (`check_rl_config` -> `check_run` -> `check_expert_parallel`), which run before any model
+    is built, not at the first decode (`inference_model`); auto and whole pass."""
+    from hydra import compose, initialize_config_dir
+
+    from llada_train import CONF_DIR
+    from llada_train.config import register_configs
+    from llada_train.distributed import check_expert_parallel
+    from llada_train.rl.loop import check_rl_config
+
+    monkeypatch.setenv("WORLD_SIZE", "8")
+    register_configs("rl")
+
+    def rl(*overrides):
+        with initialize_config_dir(config_dir=CONF_DIR, version_base=None):
+            return compose("rl", overrides=["init_from=null", "block_length=32",
+                                            "deepspeed=zero3_ep", *overrides])  # fmt: skip
+
+    cfg = rl("rollout.gather=layerwise")
+    match = (
+        r"rollout\.gather=layerwise with deepspeed\.expert_parallel\.autoep_size=8: .*"
+        r"set rollout\.gather=auto or whole, or deepspeed\.expert_parallel\.autoep_size=0"
+    )
+    with pytest.raises(ValueError, match=match):
+        check_rl_config(cfg, 8)
+    with pytest.raises(ValueError, match=match):
+        check_expert_parallel(cfg)
+    for gather in ("auto", "whole"):
+        check_rl_config(rl(f"rollout.gather={gather}"), 8)
+    # without AutoEP layerwise passes the same checks
+    check_rl_config(rl("rollout.gather=layerwise", "deepspeed.expert_parallel.autoep_size=0"), 8)
+
+
 def test_zero3_ep_group_composes():
     """`deepspeed=zero3_ep` composes into the SFT config (ZeRO-3, AutoEP degree 8)."""
     from hydra import compose, initialize_config_dir

@@ -153,6 +153,54 @@ def test_rl_plan_of_flash_says_what_to_change(capsys):
     assert out.strip().splitlines()[-1].endswith("on 8 x 80 GB: does not fit")
 
 
+def test_suggestions_under_expert_parallelism():
+    """ep_size > 1: LoRA is never suggested (launch refuses LoRA with AutoEP,
+    `distributed.check_expert_parallel`); an RL rollout that decodes on a whole copy (AutoEP
+    refuses layerwise decoding) gets "no expert parallelism", alone and with
+    `deepspeed=zero3_offload`, each evaluated with the layerwise rollout `auto` would pick."""
+    config = LLaDA2MoeConfig.from_json(os.path.join(REFERENCE, "llada2_mini_config.json"))
+    s = Setup(task="rl", num_gpus=8, gpu_gb=40, stage=3, offload_optimizer=False,
+              offload_param=False, lora_params=0, ep_size=8, micro_batch_size=8, seq_len=320,
+              block_length=32, activation_checkpointing=True, rollout_batch=8, rollout_len=320,
+              rollout_gather="whole")  # fmt: skip
+    lines = format_plan(config, s, total_lora_params=10**8)
+    assert lines[-1].endswith("on 8 x 40 GB: does not fit")
+    assert not any("lora" in line.lower() for line in lines)
+    no_ep = ("no expert parallelism (deepspeed.expert_parallel.autoep_size=0; "
+             "rollout.gather=auto then decodes layerwise)")  # fmt: skip
+    alone = estimate(config, dataclasses.replace(s, ep_size=1, rollout_gather="layerwise"))
+    assert f"  {no_ep}: peak {alone.peak_gb:.1f} GB (does not fit)" in lines  # 46.1 GB
+    offload = dict(stage=3, offload_optimizer=True, offload_param=True)
+    both = estimate(config, dataclasses.replace(s, ep_size=1, rollout_gather="layerwise",
+                                                **offload))  # fmt: skip
+    assert both.fits
+    assert (f"  deepspeed=zero3_offload, {no_ep}: peak {both.peak_gb:.1f} GB "
+            f"(fits; host {both.host_gb:.0f} GB per GPU)") in lines  # fmt: skip
+    kept = estimate(config, dataclasses.replace(s, **offload))  # EP kept: the whole copy stays
+    assert not kept.fits and kept.rollout_gb > 2 * config.num_parameters()[0] / GB
+    assert any(line.startswith("  deepspeed=zero3_offload deepspeed.expert_parallel.autoep_size=8"
+                               f" (rollouts still decode on a whole copy): peak {kept.peak_gb:.1f}")
+               for line in lines)  # fmt: skip
+    # the same plan without EP suggests LoRA and no "no expert parallelism"
+    plain = format_plan(config, dataclasses.replace(s, ep_size=1), total_lora_params=10**8)
+    assert any("lora.enabled=true deepspeed=zero2" in line for line in plain)
+    assert not any("expert parallelism" in line for line in plain)
+
+
+def test_rl_plan_of_flash_under_autoep_suggests_dropping_it(capsys):
+    """`deepspeed=zero3_ep` (AutoEP 8): rollouts decode on a whole copy (206 GB), which fits no
+    GPU; without EP `auto` decodes layerwise and the plan fits (77.0 GB, as docs/memory.md's
+    'flash RL, no recipe' row on 32 GPUs). No LoRA line."""
+    main(["rl", "model=flash", "deepspeed=zero3_ep", "activation_checkpointing=true",
+          "plan.num_gpus=32", "plan.gpu_gb=80", "rollout.prompts_per_step=32"])  # fmt: skip
+    out = capsys.readouterr().out
+    assert "rollout.gather=auto -> whole" in out
+    assert ("  no expert parallelism (deepspeed.expert_parallel.autoep_size=0; rollout.gather=auto "
+            "then decodes layerwise): peak 77.0 GB (fits)") in out  # fmt: skip
+    assert "lora" not in out.lower()
+    assert out.strip().splitlines()[-1].endswith("on 32 x 80 GB: does not fit")
+
+
 # (entry, recipe, GPUs, peak GB, host GB per GPU): the flash recipes' plans, docs/memory.md's table
 FLASH_RECIPES = [
     ("sft", "flash", 8, 56.9, 231.5),  # one node: ZeRO-3, optimizer + parameters offloaded
