@@ -258,7 +258,7 @@ def test_every_checkpoint_is_evaluated_in_the_background_by_default(tmp_path):
 
 
 @pytest.mark.parametrize(
-    ("entry", "micro", "steps", "lr"), [("sft", 32, 1200, 3.0e-3), ("cpt", 16, 100, 3.0e-5)]
+    ("entry", "micro", "steps", "lr"), [("sft", 32, 1200, 3.0e-3), ("cpt", 16, 100, 1.0e-4)]
 )
 def test_cpt_recipe_is_merged_over_the_shared_one(entry, micro, steps, lr):
     """recipes/cpt/tiny.yaml overrides the batch, step counts, rate and schedule of
