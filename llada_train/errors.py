@@ -51,10 +51,15 @@ _default_format = warnings.formatwarning
 
 def missing_value_message(cfg: Any) -> str | None:
     """The one-line message for the first mandatory value (`???`) left unset in `cfg`, naming
-    the key and what to pass; None when every mandatory value is set."""
+    the key and what to pass; None when every mandatory value is set. A dry run sized by
+    `plan.model` (RL: `rl.loop.dry_run`) reads no weights, so it needs no `init_from`."""
     from omegaconf import OmegaConf
 
     missing = sorted(OmegaConf.missing_keys(cfg))
+    if OmegaConf.select(cfg, "dry_run", default=False) and OmegaConf.select(
+        cfg, "plan.model", default=None, throw_on_missing=False
+    ):
+        missing = [key for key in missing if key != "init_from"]
     if not missing:
         return None
     key = missing[0]
