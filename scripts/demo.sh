@@ -22,13 +22,10 @@ echo "== 2/5 continued pre-training (tiny, shipped corpus)"
 python -m llada_train.cpt +recipe=tiny output_dir="$RUNS/cpt" "$NO_SAVE_EVAL" "$@"
 
 echo "== 3/5 SFT from the CPT checkpoint (M2T + T2T corruption)"
-# 1800 steps, not the recipe's 1200: after the CPT the SFT's rise lands later, where float
-# rounding puts it. Under the robustness harness (seeds 0-2 x 2 rounding perturbations) 1200
-# steps ended at 0.21-1.0 (results/robustness/tiny_demo_v4); 1800 (warmup, peak and decay
-# stretched alike) ended at 0.99-1.0, reaching 0.9 by step 800-1100 (tiny_demo_v6;
-# docs/learning.md, "The demo path: 1800 SFT steps").
-python -m llada_train.sft +recipe=tiny init_from="$(latest "$RUNS/cpt")" output_dir="$RUNS/sft" \
-  max_steps=1800 "$NO_SAVE_EVAL" "$@"
+# recipes/tiny_demo.yaml: the tiny SFT recipe for 1800 steps instead of 1200, since after the CPT
+# the SFT's rise lands later, where float rounding puts it (the recipe's comment has the figures).
+python -m llada_train.sft +recipe=tiny_demo init_from="$(latest "$RUNS/cpt")" output_dir="$RUNS/sft" \
+  "$NO_SAVE_EVAL" "$@"
 
 echo "== 4/5 EBPO from the SFT checkpoint"
 # 8 rollout batches, held-out reward after 4 and 8 (the recipe has 30, ~13 s each on 2 cores):

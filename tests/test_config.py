@@ -171,6 +171,18 @@ def test_no_library_module_imports_an_entry_point():
     assert not offenders, offenders
 
 
+def test_tiny_demo_recipe_is_tiny_for_1800_steps():
+    """recipes/tiny_demo.yaml (the demo's SFT from the CPT checkpoint) is recipes/tiny.yaml with
+    max_steps 1800, the configuration results/robustness/tiny_demo_v6 measured as
+    `tiny -- max_steps=1800`."""
+    from omegaconf import OmegaConf
+
+    demo = OmegaConf.to_container(_compose("sft", ["+recipe=tiny_demo"]), resolve=True)
+    tiny = OmegaConf.to_container(_compose("sft", ["+recipe=tiny"]), resolve=True)
+    assert {k for k in demo if demo[k] != tiny[k]} == {"max_steps"}
+    assert (demo["max_steps"], tiny["max_steps"]) == (1800, 1200)
+
+
 def test_tiny_sort_recipes_differ_from_tiny_only_in_data_and_folders():
     """recipes/tiny_sort.yaml (SFT) and recipes/rl/tiny_sort.yaml inherit everything of their
     tiny recipe (model, optimiser, schedule shape, batch), so a change to tiny moves both tasks;
