@@ -28,6 +28,11 @@ Usage:
     python scripts/robustness.py tiny --report-only --out results/robustness/tiny_scratch
 Runs land in <out>/runs/ (not committed); the report is <out>/README.md and <out>/robustness.json.
 Extra Hydra overrides after `--` go to every SFT run (e.g. `-- max_steps=600`).
+
+A sweep may be split over machines and sessions (`--seeds 0` today, `--seeds 1 2` tomorrow, into
+the same `--out`): a finished variant recorded in the committed <out>/robustness.json whose run
+directory is gone (a fresh clone) is kept in the report and not run again. Every variant records
+the CPU (`lscpu`'s model name) and the commit it ran on, and the report lists them.
 """
 
 from __future__ import annotations
@@ -125,10 +130,39 @@ def run_variant(cmds: list[list[str]], log_path: str) -> subprocess.Popen:
     )
 
 
+def load_record(out: str) -> dict:
+    """The committed report's data (<out>/robustness.json), or {} when there is none."""
+    path = os.path.join(out, "robustness.json")
+    if not os.path.exists(path):
+        return {}
+    with open(path) as f:
+        return json.load(f)
+
+
+def machine() -> dict[str, str]:
+    """Where a variant runs: the CPU's model name (lscpu) and the repo's commit."""
+    cpu = "unknown"
+    try:
+        for line in subprocess.run(["lscpu"], capture_output=True, text=True).stdout.splitlines():
+            if line.startswith("Model name:"):
+                cpu = line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    try:
+        commit = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=REPO
+        ).stdout.strip()
+    except OSError:
+        commit = ""
+    return {"cpu": cpu, "commit": commit or "unknown"}
+
+
 def summarize(out: str, goal: float, max_steps: int | None = None) -> dict:
     """Per-variant figures from the runs' metrics.jsonl files. A variant whose last logged step
     is below `max_steps` is still running (or was stopped): it is listed, marked unfinished, and
-    left out of the end and first-step figures."""
+    left out of the end and first-step figures. A finished variant of the committed
+    <out>/robustness.json whose run directory is absent (another machine ran it) is kept as
+    recorded, marked `"recorded": true`."""
     runs_dir = os.path.join(out, "runs")
     variants = {}
     for name in sorted(os.listdir(runs_dir)) if os.path.isdir(runs_dir) else []:
@@ -147,7 +181,10 @@ def summarize(out: str, goal: float, max_steps: int | None = None) -> dict:
             "last_step": rows[-1]["step"] if rows else 0,
             "finished": bool(rows) and (max_steps is None or rows[-1]["step"] >= max_steps),
         }
-    return variants
+    for name, v in load_record(out).get("variants", {}).items():
+        if name not in variants and v.get("finished"):
+            variants[name] = {**v, "recorded": True}
+    return dict(sorted(variants.items()))
 
 
 def loss_differences(variants: dict) -> dict[str, float]:
@@ -170,16 +207,37 @@ def loss_differences(variants: dict) -> dict[str, float]:
     return out
 
 
+def runs_json(out: str, name: str) -> dict:
+    """A per-variant map kept under <out>/runs/ (invocations, machines, wall times), merged
+    over the committed record's copy for variants whose runs are gone."""
+    merged = dict(load_record(out).get(name, {}))
+    path = os.path.join(out, "runs", f"{name}.json")
+    if os.path.exists(path):
+        with open(path) as f:
+            merged.update(json.load(f))
+    return merged
+
+
+def update_runs_json(out: str, name: str, variant: str, value) -> None:
+    path = os.path.join(out, "runs", f"{name}.json")
+    data = {}
+    if os.path.exists(path):
+        with open(path) as f:
+            data = json.load(f)
+    data[variant] = value
+    with open(path, "w") as f:
+        json.dump(data, f, indent=1)
+
+
 def invocations(out: str) -> list[str]:
     """The harness command lines that started the variants under `out` (in first-use order);
     the current command when none was recorded."""
-    path = os.path.join(out, "runs", "invocations.json")
-    recorded = json.load(open(path)) if os.path.exists(path) else {}
+    recorded = runs_json(out, "invocations")
     lines = list(dict.fromkeys(recorded.values()))
     return lines or [" ".join(["python scripts/robustness.py", *sys.argv[1:]])]
 
 
-def report(args, variants: dict, wall: dict) -> str:
+def report(args, variants: dict, wall: dict, machines: dict | None = None) -> str:
     diffs = loss_differences(variants)
     steps = sorted({s for v in variants.values() for s, _ in v["checks"]})
     lines = [
@@ -220,6 +278,14 @@ def report(args, variants: dict, wall: dict) -> str:
             + ", ".join(str(f) if f is not None else "never" for f in firsts)
             + (f" (latest {max(firsts)})" if all(f is not None for f in firsts) else ""),
         ]
+    where: dict[tuple[str, str], list[str]] = {}
+    for name in variants:
+        m = (machines or {}).get(name)
+        if m:
+            where.setdefault((m["cpu"], m["commit"]), []).append(name)
+    if where:
+        lines += ["", "Where each variant ran (CPU as `lscpu` names it, commit):", ""]
+        lines += [f"- {cpu}, {c}: {', '.join(names)}" for (cpu, c), names in where.items()]
     return "\n".join(lines) + "\n"
 
 
@@ -242,12 +308,19 @@ def main() -> None:
     args = p.parse_intermixed_args()  # overrides after `--` or right after the recipe
 
     os.makedirs(os.path.join(args.out, "runs"), exist_ok=True)
-    wall_path = os.path.join(args.out, "runs", "wall_s.json")
-    wall = json.load(open(wall_path)) if os.path.exists(wall_path) else {}
     if not args.report_only:
-        queue = [(s, q) for s in args.seeds for q in args.perturbations]
+        recorded = {n for n, v in load_record(args.out).get("variants", {}).items()
+                    if v.get("finished")}  # fmt: skip
+        queue = []
+        for seed, pert in [(s, q) for s in args.seeds for q in args.perturbations]:
+            name = f"seed{seed}_{pert}"
+            if name in recorded and not os.path.isdir(os.path.join(args.out, "runs", name)):
+                print(f"kept {name} as recorded in {args.out}/robustness.json", flush=True)
+            else:
+                queue.append((seed, pert))
         running: dict[str, tuple[subprocess.Popen, float]] = {}
         failed = []
+        where = machine()
         while queue or running:
             while queue and len(running) < args.jobs:
                 seed, pert = queue.pop(0)
@@ -255,17 +328,16 @@ def main() -> None:
                 cmds = variant_commands(args, seed, pert)
                 log = os.path.join(args.out, "runs", f"{name}.log")
                 running[name] = (run_variant(cmds, log), time.time())
-                inv_path = os.path.join(args.out, "runs", "invocations.json")
-                inv = json.load(open(inv_path)) if os.path.exists(inv_path) else {}
-                inv[name] = " ".join(["python scripts/robustness.py", *sys.argv[1:]])
-                json.dump(inv, open(inv_path, "w"), indent=1)
+                command = " ".join(["python scripts/robustness.py", *sys.argv[1:]])
+                update_runs_json(args.out, "invocations", name, command)
+                update_runs_json(args.out, "machines", name, where)
                 print(f"started {name}", flush=True)
             time.sleep(5)
             for name, (proc, t0) in list(running.items()):
                 if proc.poll() is not None:
-                    wall[name] = time.time() - t0
-                    json.dump(wall, open(wall_path, "w"), indent=1)
-                    print(f"finished {name} (exit {proc.returncode}, {wall[name] / 60:.1f} min)",
+                    elapsed = time.time() - t0
+                    update_runs_json(args.out, "wall_s", name, elapsed)
+                    print(f"finished {name} (exit {proc.returncode}, {elapsed / 60:.1f} min)",
                           flush=True)  # fmt: skip
                     if proc.returncode:
                         failed.append(name)
@@ -275,11 +347,12 @@ def main() -> None:
     given = [o.split("=", 1)[1] for o in args.overrides if o.startswith("max_steps=")]
     max_steps = int(given[-1]) if given else int(recipe_value(args.recipe, "max_steps"))
     variants = summarize(args.out, args.goal, max_steps)
-    text = report(args, variants, wall)
+    record = {key: runs_json(args.out, key) for key in ("wall_s", "invocations", "machines")}
+    text = report(args, variants, record["wall_s"], record["machines"])
     with open(os.path.join(args.out, "README.md"), "w") as f:
         f.write(text)
     with open(os.path.join(args.out, "robustness.json"), "w") as f:
-        json.dump({"command": sys.argv[1:], "variants": variants, "wall_s": wall}, f, indent=1)
+        json.dump({"command": sys.argv[1:], "variants": variants, **record}, f, indent=1)
     print(text)
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import importlib.util
 import json
 import os
@@ -203,6 +204,42 @@ def test_robustness_summary_first_step_end_and_loss_differences(tmp_path):
     partial = robustness.summarize(str(tmp_path), goal=0.9, max_steps=400)
     assert not partial["seed0_none"]["finished"] and partial["seed0_none"]["last_step"] == 300
     assert robustness.summarize(str(tmp_path), goal=0.9, max_steps=300)["seed0_none"]["finished"]
+
+
+def test_robustness_keeps_recorded_variants_whose_runs_are_gone(tmp_path):
+    # a sweep split over machines: seed 0 ran elsewhere (only the committed record is here),
+    # seed 1 runs here; an unfinished recorded variant is not kept
+    record = {
+        "variants": {
+            "seed0_split": {"checks": [[100, 0.4], [200, 0.93]], "first_step_at_goal": 200,
+                            "end": 0.93, "end_step": 200, "losses_first10": [[1, 2.0]],
+                            "last_step": 200, "finished": True},
+            "seed2_split": {"checks": [[100, 0.1]], "first_step_at_goal": None, "end": 0.1,
+                            "end_step": 100, "losses_first10": [], "last_step": 100,
+                            "finished": False},
+        },
+        "wall_s": {"seed0_split": 600.0},
+        "machines": {"seed0_split": {"cpu": "CPU A", "commit": "abc1234"}},
+    }  # fmt: skip
+    (tmp_path / "robustness.json").write_text(json.dumps(record))
+    run = tmp_path / "runs" / "seed1_split" / "sft"
+    run.mkdir(parents=True)
+    rows = [{"step": 1, "loss/total": 2.0}, {"step": 200, "heldout/exact_match": 0.95}]
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (tmp_path / "runs" / "machines.json").write_text(
+        json.dumps({"seed1_split": {"cpu": "CPU B", "commit": "def5678"}})
+    )
+    variants = robustness.summarize(str(tmp_path), goal=0.9, max_steps=200)
+    assert list(variants) == ["seed0_split", "seed1_split"]
+    assert variants["seed0_split"]["recorded"] and "recorded" not in variants["seed1_split"]
+    machines = robustness.runs_json(str(tmp_path), "machines")
+    assert machines["seed0_split"]["cpu"] == "CPU A" and machines["seed1_split"]["cpu"] == "CPU B"
+    args = argparse.Namespace(recipe="tiny", path="scratch", questions=100, goal=0.9,
+                              out=str(tmp_path))  # fmt: skip
+    text = robustness.report(args, variants, robustness.runs_json(str(tmp_path), "wall_s"),
+                             machines)  # fmt: skip
+    assert "| seed0_split | 0.400 | 0.930 | 200 | 0.930 |" in text
+    assert "- CPU A, abc1234: seed0_split" in text and "- CPU B, def5678: seed1_split" in text
 
 
 def test_robustness_perturbations_override_the_right_keys():
