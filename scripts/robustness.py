@@ -31,8 +31,10 @@ Extra Hydra overrides after `--` go to every SFT run (e.g. `-- max_steps=600`).
 
 A sweep may be split over machines and sessions (`--seeds 0` today, `--seeds 1 2` tomorrow, into
 the same `--out`): a finished variant recorded in the committed <out>/robustness.json whose run
-directory is gone (a fresh clone) is kept in the report and not run again. Every variant records
-the CPU (`lscpu`'s model name) and the commit it ran on, and the report lists them.
+directory is gone (a fresh clone) is kept in the report and not run again (`--rerun` runs it
+anyway). A recorded variant counts as finished only if it reached this sweep's `max_steps`.
+Every variant records the CPU (`lscpu`'s model name) and the commit it ran on (`git describe
+--always --dirty`), and the report lists them.
 """
 
 from __future__ import annotations
@@ -143,14 +145,16 @@ def machine() -> dict[str, str]:
     """Where a variant runs: the CPU's model name (lscpu) and the repo's commit."""
     cpu = "unknown"
     try:
-        for line in subprocess.run(["lscpu"], capture_output=True, text=True).stdout.splitlines():
+        env = {**os.environ, "LC_ALL": "C"}
+        lscpu = subprocess.run(["lscpu"], capture_output=True, text=True, env=env).stdout
+        for line in lscpu.splitlines():
             if line.startswith("Model name:"):
                 cpu = line.split(":", 1)[1].strip()
     except OSError:
         pass
     try:
         commit = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=REPO
+            ["git", "describe", "--always", "--dirty"], capture_output=True, text=True, cwd=REPO
         ).stdout.strip()
     except OSError:
         commit = ""
@@ -160,15 +164,17 @@ def machine() -> dict[str, str]:
 def summarize(out: str, goal: float, max_steps: int | None = None) -> dict:
     """Per-variant figures from the runs' metrics.jsonl files. A variant whose last logged step
     is below `max_steps` is still running (or was stopped): it is listed, marked unfinished, and
-    left out of the end and first-step figures. A finished variant of the committed
-    <out>/robustness.json whose run directory is absent (another machine ran it) is kept as
-    recorded, marked `"recorded": true`."""
+    left out of the end and first-step figures. A variant of the committed <out>/robustness.json
+    whose run directory is absent or empty (another machine ran it) is kept as recorded, marked
+    `"recorded": true`, and counts as finished only if it reached `max_steps`."""
     runs_dir = os.path.join(out, "runs")
     variants = {}
     for name in sorted(os.listdir(runs_dir)) if os.path.isdir(runs_dir) else []:
         if not os.path.isdir(os.path.join(runs_dir, name)):
-            continue  # the variants' .log files and wall_s.json
+            continue  # the variants' .log files and the per-variant maps (NAME.json)
         rows = read_metrics(os.path.join(runs_dir, name, "sft"))
+        if not rows:
+            continue  # nothing logged (yet): a recorded entry, if any, stands
         checks = [(m["step"], m["heldout/exact_match"]) for m in rows if "heldout/exact_match" in m]
         losses = [(m["step"], m["loss/total"]) for m in rows if "loss/total" in m]
         first = next((s for s, em in checks if em >= goal), None)
@@ -182,8 +188,10 @@ def summarize(out: str, goal: float, max_steps: int | None = None) -> dict:
             "finished": bool(rows) and (max_steps is None or rows[-1]["step"] >= max_steps),
         }
     for name, v in load_record(out).get("variants", {}).items():
-        if name not in variants and v.get("finished"):
-            variants[name] = {**v, "recorded": True}
+        if name not in variants:
+            reached = max_steps is None or v.get("last_step", 0) >= max_steps
+            variants[name] = {**v, "finished": bool(v.get("finished")) and reached,
+                              "recorded": True}  # fmt: skip
     return dict(sorted(variants.items()))
 
 
@@ -207,15 +215,24 @@ def loss_differences(variants: dict) -> dict[str, float]:
     return out
 
 
-def runs_json(out: str, name: str) -> dict:
-    """A per-variant map kept under <out>/runs/ (invocations, machines, wall times), merged
-    over the committed record's copy for variants whose runs are gone."""
+def runs_json(out: str, name: str, recorded: set[str] = frozenset()) -> dict:
+    """A per-variant map kept under <out>/runs/NAME.json (invocations, machines, wall_s): the
+    local entry, except for the `recorded` variants (whose runs are gone), which take the
+    committed record's entry."""
     merged = dict(load_record(out).get(name, {}))
     path = os.path.join(out, "runs", f"{name}.json")
     if os.path.exists(path):
         with open(path) as f:
-            merged.update(json.load(f))
+            merged.update({k: v for k, v in json.load(f).items() if k not in recorded})
     return merged
+
+
+def write_json(path: str, data) -> None:
+    """Write `data` to `path` atomically (a temporary file, then os.replace)."""
+    tmp = f"{path}.tmp.{os.getpid()}"
+    with open(tmp, "w") as f:
+        json.dump(data, f, indent=1)
+    os.replace(tmp, path)
 
 
 def update_runs_json(out: str, name: str, variant: str, value) -> None:
@@ -225,16 +242,21 @@ def update_runs_json(out: str, name: str, variant: str, value) -> None:
         with open(path) as f:
             data = json.load(f)
     data[variant] = value
-    with open(path, "w") as f:
-        json.dump(data, f, indent=1)
+    write_json(path, data)
 
 
-def invocations(out: str) -> list[str]:
+def invocations(out: str, recorded: set[str] = frozenset()) -> list[str]:
     """The harness command lines that started the variants under `out` (in first-use order);
-    the current command when none was recorded."""
-    recorded = runs_json(out, "invocations")
-    lines = list(dict.fromkeys(recorded.values()))
+    for a record older than per-variant invocations, its `command`; else the current command."""
+    lines = list(dict.fromkeys(runs_json(out, "invocations", recorded).values()))
+    command = load_record(out).get("command")
+    if not lines and command:
+        lines = [" ".join(["python scripts/robustness.py", *command])]
     return lines or [" ".join(["python scripts/robustness.py", *sys.argv[1:]])]
+
+
+def recorded_names(variants: dict) -> set[str]:
+    return {n for n, v in variants.items() if v.get("recorded")}
 
 
 def report(args, variants: dict, wall: dict, machines: dict | None = None) -> str:
@@ -245,7 +267,7 @@ def report(args, variants: dict, wall: dict, machines: dict | None = None) -> st
         "",
         "Commands that ran the variants below:",
         "",
-        *(f"    {c}" for c in invocations(args.out)),
+        *(f"    {c}" for c in invocations(args.out, recorded_names(variants))),
         "",
         f"Held-out exact match (first {args.questions} held-out chats, greedy, Quality preset) "
         f"at each check; goal >= {args.goal:g}.",
@@ -304,17 +326,21 @@ def main() -> None:
     p.add_argument("--jobs", type=int, default=2, help="trainings at a time (one per core)")
     p.add_argument("--out", required=True)
     p.add_argument("--report-only", action="store_true")
+    p.add_argument("--rerun", action="store_true",
+                   help="run variants that robustness.json records as finished")  # fmt: skip
     p.add_argument("overrides", nargs="*", help="Hydra overrides for the SFT runs (after --)")
     args = p.parse_intermixed_args()  # overrides after `--` or right after the recipe
 
     os.makedirs(os.path.join(args.out, "runs"), exist_ok=True)
+    given = [o.split("=", 1)[1] for o in args.overrides if o.startswith("max_steps=")]
+    max_steps = int(given[-1]) if given else int(recipe_value(args.recipe, "max_steps"))
     if not args.report_only:
-        recorded = {n for n, v in load_record(args.out).get("variants", {}).items()
-                    if v.get("finished")}  # fmt: skip
+        before = summarize(args.out, args.goal, max_steps)
         queue = []
         for seed, pert in [(s, q) for s in args.seeds for q in args.perturbations]:
             name = f"seed{seed}_{pert}"
-            if name in recorded and not os.path.isdir(os.path.join(args.out, "runs", name)):
+            v = before.get(name, {})
+            if v.get("recorded") and v["finished"] and not args.rerun:
                 print(f"kept {name} as recorded in {args.out}/robustness.json", flush=True)
             else:
                 queue.append((seed, pert))
@@ -344,15 +370,19 @@ def main() -> None:
                     del running[name]
         if failed:
             print(f"failed variants: {failed} (see their .log files)", file=sys.stderr)
-    given = [o.split("=", 1)[1] for o in args.overrides if o.startswith("max_steps=")]
-    max_steps = int(given[-1]) if given else int(recipe_value(args.recipe, "max_steps"))
     variants = summarize(args.out, args.goal, max_steps)
-    record = {key: runs_json(args.out, key) for key in ("wall_s", "invocations", "machines")}
+    recorded = recorded_names(variants)
+    keys = ("wall_s", "invocations", "machines")
+    record = {key: runs_json(args.out, key, recorded) for key in keys}
     text = report(args, variants, record["wall_s"], record["machines"])
+    command = load_record(args.out).get("command") if args.report_only else None
     with open(os.path.join(args.out, "README.md"), "w") as f:
         f.write(text)
-    with open(os.path.join(args.out, "robustness.json"), "w") as f:
-        json.dump({"command": sys.argv[1:], "variants": variants, **record}, f, indent=1)
+    # recorded variants are written back as they were recorded
+    old = load_record(args.out).get("variants", {})
+    clean = {n: old[n] if n in recorded else v for n, v in variants.items()}
+    write_json(os.path.join(args.out, "robustness.json"),
+               {"command": command or sys.argv[1:], "variants": clean, **record})  # fmt: skip
     print(text)
 
 

@@ -208,8 +208,9 @@ def test_robustness_summary_first_step_end_and_loss_differences(tmp_path):
 
 def test_robustness_keeps_recorded_variants_whose_runs_are_gone(tmp_path):
     # a sweep split over machines: seed 0 ran elsewhere (only the committed record is here),
-    # seed 1 runs here; an unfinished recorded variant is not kept
+    # seed 1 runs here; seed 2 split is recorded unfinished; seed 2 jitter's run dir is empty
     record = {
+        "command": ["tiny", "--seeds", "0", "2", "--out", "X"],
         "variants": {
             "seed0_split": {"checks": [[100, 0.4], [200, 0.93]], "first_step_at_goal": 200,
                             "end": 0.93, "end_step": 200, "losses_first10": [[1, 2.0]],
@@ -217,6 +218,9 @@ def test_robustness_keeps_recorded_variants_whose_runs_are_gone(tmp_path):
             "seed2_split": {"checks": [[100, 0.1]], "first_step_at_goal": None, "end": 0.1,
                             "end_step": 100, "losses_first10": [], "last_step": 100,
                             "finished": False},
+            "seed2_jitter": {"checks": [[200, 0.91]], "first_step_at_goal": 200, "end": 0.91,
+                             "end_step": 200, "losses_first10": [], "last_step": 200,
+                             "finished": True},
         },
         "wall_s": {"seed0_split": 600.0},
         "machines": {"seed0_split": {"cpu": "CPU A", "commit": "abc1234"}},
@@ -226,19 +230,33 @@ def test_robustness_keeps_recorded_variants_whose_runs_are_gone(tmp_path):
     run.mkdir(parents=True)
     rows = [{"step": 1, "loss/total": 2.0}, {"step": 200, "heldout/exact_match": 0.95}]
     (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    (tmp_path / "runs" / "machines.json").write_text(
-        json.dumps({"seed1_split": {"cpu": "CPU B", "commit": "def5678"}})
-    )
+    (tmp_path / "runs" / "seed2_jitter" / "sft").mkdir(parents=True)  # started, nothing logged
+    # a stale local entry of seed 0 (its run dir is gone) must not replace the record's
+    (tmp_path / "runs" / "machines.json").write_text(json.dumps({
+        "seed0_split": {"cpu": "STALE", "commit": "0000000"},
+        "seed1_split": {"cpu": "CPU B", "commit": "def5678"},
+    }))  # fmt: skip
     variants = robustness.summarize(str(tmp_path), goal=0.9, max_steps=200)
-    assert list(variants) == ["seed0_split", "seed1_split"]
+    assert list(variants) == ["seed0_split", "seed1_split", "seed2_jitter", "seed2_split"]
     assert variants["seed0_split"]["recorded"] and "recorded" not in variants["seed1_split"]
-    machines = robustness.runs_json(str(tmp_path), "machines")
+    assert variants["seed2_jitter"]["recorded"] and variants["seed2_jitter"]["finished"]
+    assert variants["seed2_split"]["recorded"] and not variants["seed2_split"]["finished"]
+    # a longer sweep does not count the 200-step records as finished
+    longer = robustness.summarize(str(tmp_path), goal=0.9, max_steps=300)
+    assert not longer["seed0_split"]["finished"] and not longer["seed2_jitter"]["finished"]
+    recorded = robustness.recorded_names(variants)
+    machines = robustness.runs_json(str(tmp_path), "machines", recorded)
     assert machines["seed0_split"]["cpu"] == "CPU A" and machines["seed1_split"]["cpu"] == "CPU B"
+    # a record older than per-variant invocations: its command stands for them
+    assert robustness.invocations(str(tmp_path), recorded) == [
+        "python scripts/robustness.py tiny --seeds 0 2 --out X"
+    ]
     args = argparse.Namespace(recipe="tiny", path="scratch", questions=100, goal=0.9,
                               out=str(tmp_path))  # fmt: skip
     text = robustness.report(args, variants, robustness.runs_json(str(tmp_path), "wall_s"),
                              machines)  # fmt: skip
     assert "| seed0_split | 0.400 | 0.930 | 200 | 0.930 |" in text
+    assert "| seed2_split | 0.100 | - | unfinished (step 100) |" in text
     assert "- CPU A, abc1234: seed0_split" in text and "- CPU B, def5678: seed1_split" in text
 
 
