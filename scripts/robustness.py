@@ -50,6 +50,7 @@ import time
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
+from llada_train.eval.evaluate import write_json  # noqa: E402
 from llada_train.tracking import read_metrics  # noqa: E402
 
 PERTURBATIONS = ("none", "split", "jitter")
@@ -184,8 +185,8 @@ def summarize(out: str, goal: float, max_steps: int | None = None) -> dict:
             "end": checks[-1][1] if checks else None,
             "end_step": checks[-1][0] if checks else None,
             "losses_first10": losses[:10],
-            "last_step": rows[-1]["step"] if rows else 0,
-            "finished": bool(rows) and (max_steps is None or rows[-1]["step"] >= max_steps),
+            "last_step": rows[-1]["step"],
+            "finished": max_steps is None or rows[-1]["step"] >= max_steps,
         }
     for name, v in load_record(out).get("variants", {}).items():
         if name not in variants:
@@ -227,14 +228,6 @@ def runs_json(out: str, name: str, recorded: set[str] = frozenset()) -> dict:
     return merged
 
 
-def write_json(path: str, data) -> None:
-    """Write `data` to `path` atomically (a temporary file, then os.replace)."""
-    tmp = f"{path}.tmp.{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(data, f, indent=1)
-    os.replace(tmp, path)
-
-
 def update_runs_json(out: str, name: str, variant: str, value) -> None:
     path = os.path.join(out, "runs", f"{name}.json")
     data = {}
@@ -242,7 +235,7 @@ def update_runs_json(out: str, name: str, variant: str, value) -> None:
         with open(path) as f:
             data = json.load(f)
     data[variant] = value
-    write_json(path, data)
+    write_json(data, path)
 
 
 def invocations(out: str, recorded: set[str] = frozenset()) -> list[str]:
@@ -375,14 +368,15 @@ def main() -> None:
     keys = ("wall_s", "invocations", "machines")
     record = {key: runs_json(args.out, key, recorded) for key in keys}
     text = report(args, variants, record["wall_s"], record["machines"])
-    command = load_record(args.out).get("command") if args.report_only else None
+    previous = load_record(args.out)
+    command = previous.get("command") if args.report_only else None
     with open(os.path.join(args.out, "README.md"), "w") as f:
         f.write(text)
     # recorded variants are written back as they were recorded
-    old = load_record(args.out).get("variants", {})
+    old = previous.get("variants", {})
     clean = {n: old[n] if n in recorded else v for n, v in variants.items()}
-    write_json(os.path.join(args.out, "robustness.json"),
-               {"command": command or sys.argv[1:], "variants": clean, **record})  # fmt: skip
+    write_json({"command": command or sys.argv[1:], "variants": clean, **record},
+               os.path.join(args.out, "robustness.json"))  # fmt: skip
     print(text)
 
 
