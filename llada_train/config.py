@@ -226,7 +226,8 @@ class HeldoutConfig:
     shared sampler (the run's `sampler` node) and scored by exact match, logged with the step's
     metrics as heldout/exact_match and heldout/tpf, so a run that is not learning shows early."""
 
-    files: list[str] = field(default_factory=list)  # chat files; the last assistant turn is gold
+    # chat files (the last assistant turn is gold) or RL prompt records, scored by their reward
+    files: list[str] = field(default_factory=list)
     every: int = 0  # optimizer steps between checks (and at the last step); 0 = off
     num_questions: int = 32  # the first N chats of the files
     gen_length: int = 32  # tokens decoded per question

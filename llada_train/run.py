@@ -64,6 +64,7 @@ from llada_train.checkpoint import (
     save_checkpoint,
 )
 from llada_train.config import checkpoint_eval_node
+from llada_train.data.pipeline import HeldoutQuestion, heldout_right
 from llada_train.distributed import (
     DecodeDesync,
     DistInfo,
@@ -390,16 +391,18 @@ class Run:
         texts = [self.tokenizer.decode(t, skip_special_tokens=True) for t in out.tokens]
         return texts, out.stats
 
-    def heldout_check(self, questions: list[tuple[list[int], str]], step: int) -> dict:
-        """Exact match of the model on held-out `questions` (prompt ids, gold text), decoded by
-        the shared sampler with the run's sampler node and heldout.gen_length tokens; the
-        stripped completion must equal the gold. Returns {"heldout/exact_match",
-        "heldout/tpf"} (a collective under ZeRO-3: every rank enters and decodes the same
-        questions) and prints one line on rank 0. Decodes with editing off when the run trains
-        no T2T (`trains_t2t`). Issue 17: a monitor, not an evaluation (that
-        is lm-eval's job at the saves)."""
-        texts, stats = self._smoke_generate([p for p, _ in questions], self.cfg.heldout.gen_length)
-        right = sum(t.strip() == gold for t, (_, gold) in zip(texts, questions, strict=True))
+    def heldout_check(self, questions: list[HeldoutQuestion], step: int) -> dict:
+        """The share of held-out `questions` the model answers right, decoded by the shared
+        sampler with the run's sampler node and heldout.gen_length tokens: a chat's stripped
+        completion must equal its gold, an RL record's must earn reward 1 (`heldout_right`).
+        Returns {"heldout/exact_match", "heldout/tpf"} (a collective under ZeRO-3: every rank
+        enters and decodes the same questions) and prints one line on rank 0. Decodes with
+        editing off when the run trains no T2T (`trains_t2t`). Issue 17: a monitor, not an
+        evaluation (that is lm-eval's job at the saves)."""
+        texts, stats = self._smoke_generate(
+            [q.prompt_ids for q in questions], self.cfg.heldout.gen_length
+        )
+        right = sum(heldout_right(t, q) for t, q in zip(texts, questions, strict=True))
         figures = {"heldout/exact_match": right / len(questions), "heldout/tpf": stats.tpf}
         if self.info.is_main:
             note = "" if self.trains_t2t else ", editing off: the corruption trains no T2T"

@@ -177,3 +177,36 @@ def test_a_file_of_mixed_formats_loads(tok, tmp_path):
     examples, skipped = load_sft_examples(cfg, tok, special_ids(tok), 32)
     assert skipped == 0 and len(examples) == 3
     assert examples[0] == examples[1] == examples[2]
+
+
+def test_heldout_questions_from_chats_and_rl_records(tok, tmp_path):
+    """The in-run held-out check reads chats (gold: the answer, by exact match) and RL prompt
+    records (scored by their reward: a sum has several valid answers); both prompts are laid
+    out alike, and a record its reward cannot score is refused with its file and line."""
+    from llada_train.data.pipeline import heldout_right, load_heldout_questions
+
+    ask = "Write the number 231 as a sum of four 2-digit numbers."
+    rows = [
+        {"messages": [{"role": "user", "content": ask}, {"role": "assistant", "content": " 9 "}]},
+        {"prompt": ask, "answer": "231", "terms": 4, "reward": "sum"},
+    ]
+    path = tmp_path / "held.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    chat, rl = load_heldout_questions([str(path)], tok, 5)
+    assert chat.prompt_ids == rl.prompt_ids and (chat.gold, chat.record) == ("9", None)
+    assert rl.gold == "231" and rl.record["reward"] == "sum"
+    assert heldout_right(" 9\n", chat) and not heldout_right("19", chat)
+    for answer, right in [
+        ("48 + 62 + 47 + 74", True),  # the sum's answers: any valid one is right
+        ("74 + 47 + 62 + 48", True),
+        ("10 + 99 + 99 + 23", True),
+        ("48 + 62 + 47 + 75", False),  # sums to 232
+        ("48 + 62 + 121", False),  # three terms, one not 2-digit
+        ("231", False),
+    ]:
+        assert heldout_right(answer, rl) is right, answer
+    assert len(load_heldout_questions([str(path)], tok, 1)) == 1
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"prompt": ask, "answer": "231", "reward": "sum"}) + "\n")
+    with pytest.raises(BadRecord, match=r"bad.jsonl:1: sum record with terms None"):
+        load_heldout_questions([str(bad)], tok, 5)

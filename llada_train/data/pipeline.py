@@ -31,11 +31,18 @@ import os
 import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 
 from llada_train.data.formats import BadRecord, detect_format, to_messages
-from llada_train.tokenizer import ROLE_END_TOKEN, SpecialIds, encode_chat_spans, encode_text
+from llada_train.tokenizer import (
+    ROLE_END_TOKEN,
+    SpecialIds,
+    encode_chat_spans,
+    encode_prompt,
+    encode_text,
+)
 
 
 @dataclass
@@ -238,24 +245,62 @@ def load_sft_examples(
     return examples, skipped
 
 
+class HeldoutQuestion(NamedTuple):
+    """One question of the in-run held-out check (`heldout.files`)."""
+
+    prompt_ids: list[int]  # the prompt as SFT lays it out, chat template and generation prompt
+    gold: str  # the gold answer, stripped (an RL record's "answer"; "" where it has none)
+    record: dict | None = None  # an RL prompt record: scored by its "reward" (rl/rewards.py)
+
+
 def load_heldout_questions(
     files: list[str], tokenizer, num_questions: int, fmt: str = "auto", field: str | None = None
-) -> list[tuple[list[int], str]]:
-    """The first `num_questions` chats of `files` (any SFT format) as (prompt ids, gold text):
-    the prompt is every message before the last rendered with the generation prompt, exactly as
-    SFT lays it out (`build_sft_example`); the gold is the last (assistant) message, stripped.
+) -> list[HeldoutQuestion]:
+    """The first `num_questions` records of `files` as held-out questions. Two kinds of record:
+    - a chat (any SFT format): the prompt is every message before the last rendered with the
+      generation prompt, exactly as SFT lays it out (`build_sft_example`); the gold is the last
+      (assistant) message, stripped, and a completion is right iff it equals the gold;
+    - an RL prompt record (`{"prompt", "reward", ...}`, the RL data format, e.g.
+      data/shipped/sum_rl_eval.jsonl; only with `fmt` auto): the prompt is one user turn
+      (`encode_prompt`, as RL and the evaluation put it), and a completion is right iff its
+      reward (`rl.rewards.score` of the record's "reward") is 1. For tasks with several valid
+      answers (the sum task), where no single gold exists.
     `fmt` and `field` are the training data's (`data.format`, `data.field`).
-    Raises BadRecord naming the file and line of a bad record, ValueError when there is none."""
+    Raises BadRecord naming the file and line of a bad record (also an RL record its reward
+    cannot score, `rewards.check_record`), ValueError when there is none."""
+    from llada_train.rl.rewards import check_record
+
     questions = []
     for rec, origin in read_records(files):
-        messages = to_messages(rec, origin, fmt, field)
-        prompt_ids, _ = _prompt_spans(tokenizer, messages, origin)
-        questions.append((prompt_ids, messages[-1]["content"].strip()))
+        if fmt == "auto" and isinstance(rec, dict) and "reward" in rec and "prompt" in rec:
+            prompt = rec["prompt"]
+            if not isinstance(prompt, str) or not prompt.strip():
+                raise BadRecord(f"{origin}: field 'prompt' of an RL prompt record is empty")
+            try:
+                check_record(rec["reward"], rec)
+            except ValueError as e:
+                raise BadRecord(f"{origin}: {e}") from None
+            prompt_ids = encode_prompt(tokenizer, prompt, None, True)
+            questions.append(HeldoutQuestion(prompt_ids, str(rec.get("answer", "")).strip(), rec))
+        else:
+            messages = to_messages(rec, origin, fmt, field)
+            prompt_ids, _ = _prompt_spans(tokenizer, messages, origin)
+            questions.append(HeldoutQuestion(prompt_ids, messages[-1]["content"].strip()))
         if len(questions) == num_questions:
             break
     if not questions:
         raise ValueError(f"heldout.files {files}: no chats; name a file of SFT chats")
     return questions
+
+
+def heldout_right(completion: str, question: HeldoutQuestion) -> bool:
+    """Whether a decoded completion answers a held-out question: its reward is 1 for an RL
+    record (`load_heldout_questions`), else the stripped completion equals the gold."""
+    if question.record is None:
+        return completion.strip() == question.gold
+    from llada_train.rl.rewards import score
+
+    return score(question.record["reward"], completion, question.record).value >= 1.0
 
 
 # ---------------------------------------------------------------------------- SFT packing
