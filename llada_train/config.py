@@ -223,13 +223,15 @@ class CheckpointConfig:
 @dataclass
 class HeldoutConfig:
     """A periodic held-out check during CPT/SFT (issue 17): a few questions decoded by the
-    shared sampler (the run's `sampler` node) and scored by exact match, logged with the step's
-    metrics as heldout/exact_match and heldout/tpf, so a run that is not learning shows early."""
+    shared sampler (the run's `sampler` node) and scored by exact match (chats) or by their
+    reward (RL prompt records; data/pipeline.py `load_heldout_questions`), logged with the
+    step's metrics as heldout/exact_match (the share right) and heldout/tpf, so a run that is
+    not learning shows early."""
 
     # chat files (the last assistant turn is gold) or RL prompt records, scored by their reward
     files: list[str] = field(default_factory=list)
     every: int = 0  # optimizer steps between checks (and at the last step); 0 = off
-    num_questions: int = 32  # the first N chats of the files
+    num_questions: int = 32  # the first N records of the files
     gen_length: int = 32  # tokens decoded per question
 
 

@@ -107,14 +107,15 @@ def check_config(cfg: DictConfig, task: str) -> None:
             raise ValueError(f"heldout.{key}={h[key]} must be positive")
     if h.every > 0 and not h.files:
         raise ValueError(
-            f"heldout.every={h.every} but heldout.files is empty: name a file of held-out chats, "
-            "e.g. heldout.files=[data/shipped/sft_eval.jsonl], or set heldout.every=0"
+            f"heldout.every={h.every} but heldout.files is empty: name a file of held-out chats "
+            "or RL prompt records, e.g. heldout.files=[data/shipped/sft_eval.jsonl], or set "
+            "heldout.every=0"
         )
     for path in h.files if h.every > 0 else []:
         if not os.path.isfile(path):
             raise ValueError(
-                f"heldout.files: {path} does not exist; name a file of held-out chats "
-                "(.jsonl, .json or .parquet) or set heldout.every=0"
+                f"heldout.files: {path} does not exist; name a file of held-out chats or RL "
+                "prompt records (.jsonl, .json or .parquet) or set heldout.every=0"
             )
     check_run(cfg)
 

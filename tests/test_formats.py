@@ -206,6 +206,17 @@ def test_heldout_questions_from_chats_and_rl_records(tok, tmp_path):
     ]:
         assert heldout_right(answer, rl) is right, answer
     assert len(load_heldout_questions([str(path)], tok, 1)) == 1
+    # a chat with an extra reward key stays a chat, whatever the key holds
+    chats = [
+        {"prompt": ask, "completion": "4", "reward": 0.8},
+        {"prompt": ask, "completion": "4", "reward": "math", "answer": "5"},
+    ]
+    path.write_text("".join(json.dumps(r) + "\n" for r in chats))
+    for q in load_heldout_questions([str(path)], tok, 5):
+        assert (q.gold, q.record) == ("4", None) and q.prompt_ids == rl.prompt_ids
+    # an RL record is one whatever data.format says
+    path.write_text(json.dumps(rows[1]) + "\n")
+    assert load_heldout_questions([str(path)], tok, 5, fmt="messages")[0].record == rows[1]
     bad = tmp_path / "bad.jsonl"
     bad.write_text(json.dumps({"prompt": ask, "answer": "231", "reward": "sum"}) + "\n")
     with pytest.raises(BadRecord, match=r"bad.jsonl:1: sum record with terms None"):

@@ -257,25 +257,29 @@ def load_heldout_questions(
     files: list[str], tokenizer, num_questions: int, fmt: str = "auto", field: str | None = None
 ) -> list[HeldoutQuestion]:
     """The first `num_questions` records of `files` as held-out questions. Two kinds of record:
-    - a chat (any SFT format): the prompt is every message before the last rendered with the
-      generation prompt, exactly as SFT lays it out (`build_sft_example`); the gold is the last
+    - a chat (any SFT format; `fmt` and `field` are the training data's, `data.format` and
+      `data.field`): the prompt is every message before the last rendered with the generation
+      prompt, exactly as SFT lays it out (`build_sft_example`); the gold is the last
       (assistant) message, stripped, and a completion is right iff it equals the gold;
-    - an RL prompt record (`{"prompt", "reward", ...}`, the RL data format, e.g.
-      data/shipped/sum_rl_eval.jsonl; only with `fmt` auto): the prompt is one user turn
-      (`encode_prompt`, as RL and the evaluation put it), and a completion is right iff its
-      reward (`rl.rewards.score` of the record's "reward") is 1. For tasks with several valid
-      answers (the sum task), where no single gold exists.
-    `fmt` and `field` are the training data's (`data.format`, `data.field`).
+    - an RL prompt record, one that fits no chat format and has a "prompt" and a "reward"
+      name (the RL data format, e.g. data/shipped/sum_rl_eval.jsonl; whatever `fmt` says): the
+      prompt is one user turn without a system message (`encode_prompt`, as RL with no
+      `data.system` and the evaluation put it), and a completion is right iff the record's
+      reward (`rl.rewards.score`) is 1. For tasks with several valid answers (the sum task),
+      where no single gold exists. Only the "prompt" and "reward" fields are read for this
+      (RL's `data.prompt_field`, `data.reward` and `data.system` do not apply).
     Raises BadRecord naming the file and line of a bad record (also an RL record its reward
     cannot score, `rewards.check_record`), ValueError when there is none."""
     from llada_train.rl.rewards import check_record
 
     questions = []
     for rec, origin in read_records(files):
-        if fmt == "auto" and isinstance(rec, dict) and "reward" in rec and "prompt" in rec:
+        if _is_rl_prompt_record(rec, field):
             prompt = rec["prompt"]
             if not isinstance(prompt, str) or not prompt.strip():
-                raise BadRecord(f"{origin}: field 'prompt' of an RL prompt record is empty")
+                raise BadRecord(
+                    f"{origin}: field 'prompt' of an RL prompt record must be a non-empty string"
+                )
             try:
                 check_record(rec["reward"], rec)
             except ValueError as e:
@@ -289,8 +293,21 @@ def load_heldout_questions(
         if len(questions) == num_questions:
             break
     if not questions:
-        raise ValueError(f"heldout.files {files}: no chats; name a file of SFT chats")
+        raise ValueError(
+            f"heldout.files {files}: no records; name a file of SFT chats or RL prompt records"
+        )
     return questions
+
+
+def _is_rl_prompt_record(rec: object, field: str | None) -> bool:
+    """An RL prompt record for the held-out check: a "prompt", a reward name (a string) and no
+    chat format that fits (a chat with an extra "reward" key stays a chat)."""
+    return (
+        isinstance(rec, dict)
+        and "prompt" in rec
+        and isinstance(rec.get("reward"), str)
+        and detect_format(rec, field) is None
+    )
 
 
 def heldout_right(completion: str, question: HeldoutQuestion) -> bool:
