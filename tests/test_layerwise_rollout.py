@@ -540,11 +540,11 @@ def _fresh_tiny_policy(tmp_path):
 def test_rl_entry_layerwise_equals_whole(tmp_path):
     """The RL entry point on the tiny EBPO recipe (recipes/rl/tiny.yaml: 8 ELBO levels, dual-mode
     rollouts at temperature 1), made small, 2 processes, ZeRO-3 from an init_from export:
-    rollout.gather=layerwise logs the metrics of whole (rollouts, held-out reward over 3 prompts split 2 + 1, DAPO
-    rounds that differ per rank, a smoke sample and an in-process lm-eval of 4 questions on
-    rank 0 at the save, the other rank serving its forwards) and writes the same lm-eval
-    results. ~3 minutes on 2 busy cores: `python -m pytest tests/test_layerwise_rollout.py
-    -m slow`."""
+    rollout.gather=layerwise logs the metrics of whole (rollouts, held-out reward over 3
+    prompts split 2 + 1, DAPO rounds that differ per rank, a smoke sample and an in-process
+    lm-eval of 4 questions on rank 0 at the save, the other rank serving its forwards) and
+    writes the same lm-eval results. ~3 minutes on 2 busy cores: `python -m pytest
+    tests/test_layerwise_rollout.py -m slow`."""
     from llada_train.tracking import read_metrics
 
     env, policy = _fresh_tiny_policy(tmp_path)
