@@ -402,7 +402,7 @@ class Run:
         texts, stats = self._smoke_generate(
             [q.prompt_ids for q in questions], self.cfg.heldout.gen_length
         )
-        right = sum(heldout_right(t, q) for t, q in zip(texts, questions, strict=True))
+        right = sum(heldout_right(texts, questions))
         figures = {"heldout/exact_match": right / len(questions), "heldout/tpf": stats.tpf}
         if self.info.is_main:
             note = "" if self.trains_t2t else ", editing off: the corruption trains no T2T"

@@ -195,16 +195,23 @@ def test_heldout_questions_from_chats_and_rl_records(tok, tmp_path):
     chat, rl = load_heldout_questions([str(path)], tok, 5)
     assert chat.prompt_ids == rl.prompt_ids and (chat.gold, chat.record) == ("9", None)
     assert rl.gold == "231" and rl.record["reward"] == "sum"
-    assert heldout_right(" 9\n", chat) and not heldout_right("19", chat)
-    for answer, right in [
+    assert heldout_right([" 9\n", "19"], [chat, chat]) == [True, False]
+    answers = [
         ("48 + 62 + 47 + 74", True),  # the sum's answers: any valid one is right
         ("74 + 47 + 62 + 48", True),
         ("10 + 99 + 99 + 23", True),
         ("48 + 62 + 47 + 75", False),  # sums to 232
         ("48 + 62 + 121", False),  # three terms, one not 2-digit
         ("231", False),
-    ]:
-        assert heldout_right(answer, rl) is right, answer
+    ]
+    texts = [a for a, _ in answers] + ["9", "9"]  # chats and RL records in one batch
+    assert heldout_right(texts, [rl] * len(answers) + [chat, rl]) == [
+        *(r for _, r in answers),
+        True,
+        False,
+    ]
+    with pytest.raises(ValueError, match="1 completions for 2 questions"):
+        heldout_right(["9"], [chat, rl])
     assert len(load_heldout_questions([str(path)], tok, 1)) == 1
     # a chat with an extra reward key stays a chat, whatever the key holds
     chats = [

@@ -310,14 +310,25 @@ def _is_rl_prompt_record(rec: object, field: str | None) -> bool:
     )
 
 
-def heldout_right(completion: str, question: HeldoutQuestion) -> bool:
-    """Whether a decoded completion answers a held-out question: its reward is 1 for an RL
-    record (`load_heldout_questions`), else the stripped completion equals the gold."""
-    if question.record is None:
-        return completion.strip() == question.gold
-    from llada_train.rl.rewards import score
+def heldout_right(completions: list[str], questions: list[HeldoutQuestion]) -> list[bool]:
+    """Whether each decoded completion answers its held-out question: a chat's stripped
+    completion equals its gold; an RL record's reward is 1, scored together by
+    `rl.rewards.score_batch` (a thread pool, as RL scores rollouts; a reward that fails is
+    logged and scores 0). Raises ValueError when the two lists differ in length."""
+    if len(completions) != len(questions):
+        raise ValueError(f"{len(completions)} completions for {len(questions)} questions")
+    pairs = zip(completions, questions, strict=True)
+    right = [q.record is None and c.strip() == q.gold for c, q in pairs]
+    rl = [i for i, q in enumerate(questions) if q.record is not None]
+    if rl:
+        from llada_train.rl.rewards import score_batch
 
-    return score(question.record["reward"], completion, question.record).value >= 1.0
+        values, _ = score_batch(
+            None, [completions[i] for i in rl], [questions[i].record for i in rl]
+        )
+        for i, value in zip(rl, values, strict=True):
+            right[i] = value >= 1.0
+    return right
 
 
 # ---------------------------------------------------------------------------- SFT packing
