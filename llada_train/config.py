@@ -425,7 +425,8 @@ def register_schemas() -> None:
 
 def check_run(cfg: Any) -> SamplerConfig:
     """The launch checks every training loop (SFT, CPT, RL) shares, before any work: attention
-    backend, `deepspeed.*`, `lora.*`, the schedule ratios of `optim.*`, and the sampler
+    backend, `deepspeed.*`, `lora.*`, `tracking.log_every` and `checkpoint.save_every`, the
+    schedule ratios of `optim.*`, and the sampler
     (`check_sampler`, returned). ValueError naming the key to change."""
     from llada_train.distributed import check_deepspeed, check_expert_parallel
     from llada_train.lora import check_lora
@@ -436,6 +437,13 @@ def check_run(cfg: Any) -> SamplerConfig:
     check_deepspeed(cfg.deepspeed)
     check_expert_parallel(cfg)
     check_lora(cfg.lora, cfg.deepspeed.stage)
+    for key in ("tracking.log_every", "checkpoint.save_every"):  # Run._due divides by them
+        value = OmegaConf.select(cfg, key)
+        if value is not None and value < 1:
+            raise ValueError(
+                f"{key}={value} must be >= 1 (optimizer steps between them; the last step "
+                "always logs and saves)"
+            )
     o = cfg.optim
     for key in ("warmup_ratio", "min_lr_ratio", "decay_ratio", "decay_end_ratio"):
         if not 0.0 <= o[key] <= 1.0:

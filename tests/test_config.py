@@ -83,6 +83,9 @@ def test_schedule_and_heldout_values_checked_at_launch():
         check_run(_compose("sft", ["optim.decay_ratio=1.5"]))
     with pytest.raises(ValueError, match="heldout.files is empty"):
         check_config(_compose("sft", ["heldout.every=10"]), "sft")
+    for key in ("checkpoint.save_every", "tracking.log_every"):  # once a ZeroDivisionError
+        with pytest.raises(ValueError, match=rf"{key}=0 must be >= 1"):
+            check_run(_compose("sft", [f"{key}=0"]))
     with pytest.raises(ValueError, match="heldout.every=-1"):
         check_config(_compose("sft", ["heldout.every=-1"]), "sft")
     with pytest.raises(ValueError, match="heldout.num_questions=0 must be positive"):
